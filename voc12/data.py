@@ -1,0 +1,347 @@
+"""VOC12 datasets for RRM training and evaluation, the per-batch-scale sampler and a seeded loader.
+
+Randomness: every dataset draws from its own `numpy.random.Generator` (flip, crop offsets, scale,
+and the seed of torchvision's ColorJitter, run inside a forked torch RNG). `seed_worker` reseeds
+that generator in each DataLoader worker from `torch.initial_seed()`, which DataLoader derives
+from the `generator` it is given, so one seed reproduces every augmentation. `make_loader`
+wires this up; see its docstring for what the training engine should call.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Iterable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import SequentialSampler, get_worker_info
+from torchvision.transforms import ColorJitter
+
+from voc12.lists import (
+    CLASS_NAMES, IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, VOC_PALETTE, PathLike,
+    default_cls_labels_path, default_list_path, find_mask_path, image_path, labels_for_ids,
+    load_cls_labels, read_id_list, read_mask, read_rgb, require_dir,
+)
+
+__all__ = [
+    "CLASS_NAMES", "IGNORE_LABEL", "IMAGENET_MEAN", "IMAGENET_STD", "NUM_CLASSES", "VOC_PALETTE", "EvalDataset",
+    "ScaledBatchSampler", "TrainDatasetInit", "TrainDatasetScaled", "load_cls_labels", "make_loader", "read_id_list",
+    "seed_worker",
+]
+
+_MEAN = np.asarray(IMAGENET_MEAN, np.float32)
+_STD = np.asarray(IMAGENET_STD, np.float32)
+
+
+def normalise(image: np.ndarray) -> np.ndarray:
+    """RGB (H,W,3) in 0..255 -> float32 `(x/255 - mean) / std`."""
+    return (np.asarray(image, np.float32) / 255.0 - _MEAN) / _STD
+
+
+def denormalise_to_uint8(image: np.ndarray) -> np.ndarray:
+    """Inverse of `normalise`, truncated to uint8 as released (a normalised 0 becomes the mean colour)."""
+    return np.clip((image * _STD + _MEAN) * 255.0, 0, 255).astype(np.uint8)
+
+
+def random_crop_box(height: int, width: int, crop_size: int, rng: np.random.Generator) -> tuple[slice, slice, slice, slice]:
+    """Released random crop: a random window of a large side, a random offset in the canvas of a small one.
+
+    Returns (canvas rows, canvas cols, image rows, image cols) slices of equal extent.
+    """
+    def axis(length: int) -> tuple[slice, slice]:
+        extent = min(crop_size, length)
+        space = length - crop_size
+        if space > 0:
+            canvas_start, image_start = 0, int(rng.integers(space + 1))
+        else:
+            canvas_start, image_start = int(rng.integers(-space + 1)), 0
+        return slice(canvas_start, canvas_start + extent), slice(image_start, image_start + extent)
+
+    canvas_rows, image_rows = axis(height)
+    canvas_cols, image_cols = axis(width)
+    return canvas_rows, canvas_cols, image_rows, image_cols
+
+
+def place_in_canvas(image: np.ndarray, box: tuple[slice, slice, slice, slice], crop_size: int,
+                    dtype: type) -> np.ndarray:
+    """Copy the crop window of an (H,W,C) image into a zero (crop,crop,C) canvas."""
+    canvas_rows, canvas_cols, image_rows, image_cols = box
+    canvas = np.zeros((crop_size, crop_size, image.shape[2]), dtype)
+    canvas[canvas_rows, canvas_cols] = image[image_rows, image_cols]
+    return canvas
+
+
+def roi_of(box: tuple[slice, slice, slice, slice], crop_size: int) -> np.ndarray:
+    roi = np.zeros((crop_size, crop_size), np.float32)
+    roi[box[0], box[1]] = 1.0
+    return roi
+
+
+def to_chw(image: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+class _VOCImageList(Dataset):
+    """Ids of a list under a VOC root, with checked image files and an own random generator."""
+
+    def __init__(self, voc12_root: PathLike, list_path: PathLike | None, default_split: str,
+                 seed: int | None) -> None:
+        require_dir(voc12_root, "VOC12 root")
+        self.voc12_root = os.fspath(voc12_root)
+        self.list_path = os.fspath(list_path) if list_path is not None else default_list_path(voc12_root, default_split)
+        self.ids = read_id_list(self.list_path)
+        missing = [image_path(self.voc12_root, i) for i in self.ids if not os.path.isfile(image_path(self.voc12_root, i))]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image(s) of {self.list_path} not found, first: {missing[0]}")
+        self.rng = np.random.default_rng(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart this dataset's random stream (called per DataLoader worker by `seed_worker`)."""
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _read(self, index: int) -> tuple[str, Image.Image]:
+        image_id = self.ids[index]
+        return image_id, read_rgb(image_path(self.voc12_root, image_id))
+
+
+class _LabelledImageList(_VOCImageList):
+    """An image list whose every id must have a class-label vector."""
+
+    def __init__(self, voc12_root: PathLike, list_path: PathLike | None, cls_labels_path: PathLike | None,
+                 crop_size: int, seed: int | None) -> None:
+        super().__init__(voc12_root, list_path, "train_aug", seed)
+        if crop_size < 1:
+            raise ValueError(f"crop_size must be positive, got {crop_size}")
+        self.crop_size = crop_size
+        self.cls_labels_path = os.fspath(cls_labels_path) if cls_labels_path is not None else default_cls_labels_path(voc12_root)
+        self.labels = labels_for_ids(load_cls_labels(self.cls_labels_path), self.ids, self.cls_labels_path)
+
+
+class TrainDatasetInit(_LabelledImageList):
+    """train_from_init augmentation (SPEC §9): PIL image, hflip 0.5, ColorJitter(0.3, 0.3, 0.3, 0.1),
+    normalise, random crop; 'original' is the jittered crop with black padding.
+
+    The released random resize of the long side to 256..512 is drawn but not applied; pass
+    `apply_random_resize=True` to apply it (bicubic, long side uniform in `resize_long`).
+    """
+
+    def __init__(self, voc12_root: PathLike, list_path: PathLike | None = None,
+                 cls_labels_path: PathLike | None = None, crop_size: int = 448, *,
+                 apply_random_resize: bool = False, resize_long: tuple[int, int] = (256, 512),
+                 seed: int | None = None) -> None:
+        super().__init__(voc12_root, list_path, cls_labels_path, crop_size, seed)
+        if not 0 < resize_long[0] <= resize_long[1]:
+            raise ValueError(f"resize_long must be (min, max) with 0 < min <= max, got {resize_long}")
+        self.apply_random_resize = apply_random_resize
+        self.resize_long = resize_long
+        self.color_jitter = ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1)
+
+    def _resize_long(self, image: Image.Image) -> Image.Image:
+        target_long = int(self.rng.integers(self.resize_long[0], self.resize_long[1] + 1))
+        width, height = image.size
+        if width < height:
+            size = (int(round(width * target_long / height)), target_long)
+        else:
+            size = (target_long, int(round(height * target_long / width)))
+        return image.resize(size, resample=Image.BICUBIC)
+
+    def _jitter(self, image: Image.Image) -> Image.Image:
+        # ColorJitter draws from torch's global RNG; fork it so our generator alone decides.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.rng.integers(2**63)))
+            return self.color_jitter(image)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id, image = self._read(index)
+        if self.apply_random_resize:
+            image = self._resize_long(image)
+        if self.rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        original = np.asarray(self._jitter(image))
+        box = random_crop_box(original.shape[0], original.shape[1], self.crop_size, self.rng)
+        return {
+            "id": image_id,
+            "image": to_chw(place_in_canvas(normalise(original), box, self.crop_size, np.float32)),
+            "original": to_chw(place_in_canvas(original, box, self.crop_size, np.uint8)),
+            "roi": roi_of(box, self.crop_size),
+            "label": self.labels[index].copy(),
+        }
+
+
+class TrainDatasetScaled(_LabelledImageList):
+    """train_from_cls_weight augmentation (SPEC §9): OpenCV bilinear resize of the float image by the
+    batch's scale to (int(w*s), int(h*s)), hflip 0.5, normalise, random crop; 'original' is the crop
+    de-normalised to uint8, so its padding is the mean colour.
+
+    Items are fetched with `(index, scale)` pairs from `ScaledBatchSampler`; a plain index draws a
+    scale of its own from `scale_range`.
+    """
+
+    def __init__(self, voc12_root: PathLike, list_path: PathLike | None = None,
+                 cls_labels_path: PathLike | None = None, crop_size: int = 321, *,
+                 scale_range: tuple[float, float] = (0.7, 1.3), seed: int | None = None) -> None:
+        super().__init__(voc12_root, list_path, cls_labels_path, crop_size, seed)
+        self.scale_range = _check_scale_range(scale_range)
+
+    def __getitem__(self, item: int | tuple[int, float]) -> dict:
+        if isinstance(item, tuple):
+            index, scale = item
+        else:
+            index, scale = item, float(self.rng.uniform(*self.scale_range))
+        image_id, image = self._read(index)
+        image = np.asarray(image, np.float32)
+        height, width = image.shape[:2]
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))
+        image = cv2.resize(image, size)
+        if self.rng.random() < 0.5:
+            image = image[:, ::-1]
+        box = random_crop_box(image.shape[0], image.shape[1], self.crop_size, self.rng)
+        crop = place_in_canvas(normalise(image), box, self.crop_size, np.float32)
+        return {
+            "id": image_id,
+            "image": to_chw(crop),
+            "original": to_chw(denormalise_to_uint8(crop)),
+            "roi": roi_of(box, self.crop_size),
+            "label": self.labels[index].copy(),
+        }
+
+
+def _check_scale_range(scale_range: Sequence[float]) -> tuple[float, float]:
+    low, high = (float(v) for v in scale_range)
+    if not 0 < low <= high:
+        raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {tuple(scale_range)}")
+    return low, high
+
+
+class ScaledBatchSampler(Sampler[list[tuple[int, float]]]):
+    """Batches of `(index, scale)` pairs: one scale ~ U(scale_range) shared by a whole batch.
+
+    Wraps any index sampler (RandomSampler, DistributedSampler, a list, ...). The scales of an epoch
+    come from `numpy.random.default_rng([seed, epoch])`; the epoch advances by one per iteration
+    unless `set_epoch` sets it (which is also passed on to the wrapped sampler).
+    """
+
+    def __init__(self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool = True,
+                 scale_range: tuple[float, float] = (0.7, 1.3), seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.scale_range = _check_scale_range(scale_range)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, float]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        batch: list[int] = []
+        for index in self.sampler:
+            batch.append(int(index))
+            if len(batch) == self.batch_size:
+                scale = float(rng.uniform(*self.scale_range))
+                yield [(i, scale) for i in batch]
+                batch = []
+        if batch and not self.drop_last:
+            scale = float(rng.uniform(*self.scale_range))
+            yield [(i, scale) for i in batch]
+
+    def __len__(self) -> int:
+        count = len(self.sampler)
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+
+class EvalDataset(_VOCImageList):
+    """Full images for inference/evaluation: id, normalised image (3,H,W), original (H,W,3) uint8,
+    'gt' int64 (H,W) from SegmentationClass (or SegmentationClassAug) when a mask exists, and
+    'label' when the id is in the class-label file.
+
+    `require_gt=True` makes a missing mask an error; `cls_labels_path=None` uses
+    `<root>/cls_labels.npy` if that file exists.
+    """
+
+    def __init__(self, voc12_root: PathLike, list_path: PathLike | None = None,
+                 cls_labels_path: PathLike | None = None, *, require_gt: bool = False) -> None:
+        super().__init__(voc12_root, list_path, "val", seed=None)
+        self.require_gt = require_gt
+        if cls_labels_path is None and os.path.isfile(default_cls_labels_path(voc12_root)):
+            cls_labels_path = default_cls_labels_path(voc12_root)
+        self.labels = load_cls_labels(cls_labels_path) if cls_labels_path is not None else {}
+
+    def __getitem__(self, index: int) -> dict:
+        image_id, image = self._read(index)
+        original = np.array(image)  # writable: DataLoader turns it into a tensor
+        item = {"id": image_id, "image": to_chw(normalise(original)), "original": original}
+        mask_path = find_mask_path(self.voc12_root, image_id)
+        if mask_path is not None:
+            mask = read_mask(mask_path)
+            if mask.shape != original.shape[:2]:
+                raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                                 f"{original.shape[1]}x{original.shape[0]}")
+            item["gt"] = mask.astype(np.int64)
+        elif self.require_gt:
+            raise FileNotFoundError(f"mask not found for {image_id}: neither SegmentationClass nor "
+                                    f"SegmentationClassAug under {self.voc12_root} has {image_id}.png")
+        if image_id in self.labels:
+            item["label"] = self.labels[image_id].copy()
+        return item
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: seed numpy, `random` and the worker's dataset from torch's seed."""
+    seed = torch.initial_seed()
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    info = get_worker_info()
+    if info is not None and hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(seed)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                num_workers: int = 0, drop_last: bool = True, num_samples: int | None = None,
+                distributed: bool | None = None, pin_memory: bool | None = None) -> DataLoader:
+    """A reproducible DataLoader for any dataset of this module.
+
+    - index order: DistributedSampler (when `distributed`, default: torch.distributed is
+      initialised; seeded with `seed`), else RandomSampler (`shuffle`; `num_samples` larger than the
+      data set repeats it in fresh permutations, the released "shuffled and repeated" list), else
+      sequential;
+    - `TrainDatasetScaled` gets a `ScaledBatchSampler` (one scale per batch), others a BatchSampler;
+    - workers are seeded by `seed_worker` from a torch.Generator seeded with `seed + rank`; with
+      `num_workers=0` the dataset is reseeded with `seed + rank` here.
+    Call `loader.batch_sampler.set_epoch(epoch)` (scaled) or `loader.sampler.set_epoch` /
+    the DistributedSampler's `set_epoch` each epoch when distributed.
+    """
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    if distributed:
+        if num_samples is not None:
+            raise ValueError("num_samples is not supported with a DistributedSampler; iterate epochs instead")
+        index_sampler: Sampler[int] = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        index_sampler = RandomSampler(dataset, num_samples=num_samples, generator=torch.Generator().manual_seed(seed))
+    else:
+        index_sampler = SequentialSampler(dataset)
+    if isinstance(dataset, TrainDatasetScaled):
+        batch_sampler: Sampler = ScaledBatchSampler(index_sampler, batch_size, drop_last, dataset.scale_range, seed + rank)
+    else:
+        batch_sampler = BatchSampler(index_sampler, batch_size, drop_last)
+    if num_workers == 0 and hasattr(dataset, "reseed"):
+        dataset.reseed(seed + rank)
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed + rank))
