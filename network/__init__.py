@@ -1,0 +1,30 @@
+"""Network registry: maps every accepted `--network` spelling to its module."""
+from __future__ import annotations
+
+from types import ModuleType
+
+from torch import nn
+
+from network import rrm, rrm_attention
+
+# The released spellings come first; the short names are aliases.
+NETWORKS: dict[str, ModuleType] = {
+    "network.RRM": rrm,
+    "network.RRM(attention)": rrm_attention,
+    "rrm": rrm,
+    "rrm_attention": rrm_attention,
+}
+
+
+def resolve_network(name: str) -> ModuleType:
+    """The module (with `Net` and `SegNet`) registered under `name`."""
+    try:
+        return NETWORKS[name]
+    except KeyError:
+        valid = ", ".join(repr(key) for key in NETWORKS)
+        raise ValueError(f"unknown network {name!r}; valid names: {valid}") from None
+
+
+def build_segnet(name: str, width: float = 1.0) -> nn.Module:
+    """A fresh `SegNet` of the network registered under `name`."""
+    return resolve_network(name).SegNet(width=width)

@@ -1,0 +1,102 @@
+"""RRM network (SPEC §3): ResNet-38 with a classification/CAM head and a segmentation head."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from network import resnet38d
+
+CAM_SCALES = (0.5, 1.5, 2.0)
+# What a forward returns depends on its mode flags (see each docstring).
+NetOutput = torch.Tensor | tuple[torch.Tensor, ...]
+SegNetOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]
+
+
+def multiscale_cam(cam_at: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   cam1: torch.Tensor) -> torch.Tensor:
+    """Mean of `cam1` and the CAMs of `x` resized by CAM_SCALES (computed without grad)."""
+    height, width = x.shape[2], x.shape[3]
+    cams = [cam1]
+    with torch.no_grad():
+        for scale in CAM_SCALES:
+            scaled = F.interpolate(x, size=(int(height * scale), int(width * scale)),
+                                   mode="bilinear", align_corners=False)
+            cams.append(F.interpolate(cam_at(scaled), size=cam1.shape[2:], mode="bilinear",
+                                      align_corners=False))
+    return sum(cams) / len(cams)
+
+
+class Net(resnet38d.Net):
+    """Backbone + fc8 (classifier, CAM weights) + dilated two-layer segmentation head."""
+
+    variant = "rrm"
+    freeze_conv1a = False
+    from_scratch_names: tuple[str, ...] = ("fc8", "fc8_seg_conv1", "fc8_seg_conv2")
+
+    def __init__(self, width: float = 1.0) -> None:
+        super().__init__(width)
+        seg_channels = resnet38d.scale_channels(512, width)
+        self.dropout7 = nn.Dropout2d(0.5)
+        self.fc8 = nn.Conv2d(self.out_channels, 20, 1, bias=False)
+        self.fc8_seg_conv1 = nn.Conv2d(self.out_channels, seg_channels, 3, padding=12, dilation=12, bias=True)
+        self.fc8_seg_conv2 = nn.Conv2d(seg_channels, 21, 3, padding=12, dilation=12, bias=True)
+        for layer in (self.fc8, self.fc8_seg_conv1, self.fc8_seg_conv2):
+            nn.init.xavier_uniform_(layer.weight)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Image-level logits (B,20): fc8 on the globally pooled, dropped-out features."""
+        pooled = F.adaptive_avg_pool2d(self.dropout7(features), 1)
+        return self.fc8(pooled).flatten(1)
+
+    def cam(self, features: torch.Tensor) -> torch.Tensor:
+        """Class activation maps (B,20,h,w) from the features without dropout."""
+        return F.relu(F.conv2d(features, self.fc8.weight))
+
+    def forward(self, x: torch.Tensor, require_seg: bool = True, require_mcam: bool = True) -> NetOutput:
+        """(logits, cam, seg) when both flags are set; cam only; seg only; else logits."""
+        features = super().forward(x)
+        if require_seg and require_mcam:
+            return self.classify(features), self.cam(features), self.segment(features)
+        if require_mcam:
+            return self.cam(features)
+        if require_seg:
+            return self.segment(features)
+        return self.classify(features)
+
+    def segment(self, features: torch.Tensor) -> torch.Tensor:
+        """Segmentation logits (B,21,h,w)."""
+        return self.fc8_seg_conv2(F.relu(self.fc8_seg_conv1(features)))
+
+    def get_parameter_groups(self) -> tuple[list, list, list, list]:
+        """(pretrained weights, pretrained biases, from-scratch weights, from-scratch biases)."""
+        scratch = {id(getattr(self, name)) for name in self.from_scratch_names}
+        groups: tuple[list, list, list, list] = ([], [], [], [])
+        for module in self.modules():
+            if not isinstance(module, nn.Conv2d):
+                continue
+            offset = 2 if id(module) in scratch else 0
+            if module.weight.requires_grad:
+                groups[offset].append(module.weight)
+            if module.bias is not None and module.bias.requires_grad:
+                groups[offset + 1].append(module.bias)
+        return groups
+
+
+class SegNet(Net):
+    """The model the scripts train: adds 4-scale CAM averaging to the training forward."""
+
+    def forward(self, x: torch.Tensor, require_seg: bool = True, require_mcam: bool = True) -> SegNetOutput:
+        """Training: (logits, 4-scale cam, [seg]); seg only: seg (inference); neither: logits."""
+        if require_seg and require_mcam:
+            logits, cam1, seg1 = super().forward(x, require_seg=True, require_mcam=True)
+            cam = multiscale_cam(
+                lambda scaled: Net.forward(self, scaled, require_seg=False, require_mcam=True), x, cam1)
+            return logits, cam, [seg1]
+        return super().forward(x, require_seg=require_seg, require_mcam=require_mcam)
+
+    def predict_seg(self, x: torch.Tensor) -> torch.Tensor:
+        """Single-scale segmentation logits (B,21,h,w)."""
+        return self.forward(x, require_seg=True, require_mcam=False)
