@@ -24,4 +24,4 @@ bench: $(STAMP)
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info wrapper/bilateralfilter/bilateralfilter.py wrapper/bilateralfilter/bilateralfilter_wrap.cpp wrapper/bilateralfilter/*.so

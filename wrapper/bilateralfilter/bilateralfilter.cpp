@@ -1,0 +1,100 @@
+#include "bilateralfilter.h"
+
+#include <cmath>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "permutohedral.h"
+
+namespace {
+
+constexpr int kFeatureDim = 5;
+
+void require_positive(const char* name, int64_t value) {
+    if (value < 1) throw std::invalid_argument(std::string(name) + " must be >= 1, got " + std::to_string(value));
+}
+
+void require_sigma(const char* name, float value) {
+    if (!(value > 0.0f) || !std::isfinite(value)) {
+        throw std::invalid_argument(std::string(name) + " must be a finite number > 0, got " + std::to_string(value));
+    }
+}
+
+void require_size(const char* name, int64_t size, int64_t expected, const char* shape) {
+    if (size != expected) {
+        throw std::invalid_argument(std::string(name) + " has " + std::to_string(size) + " elements, expected " +
+                                    shape + " = " + std::to_string(expected));
+    }
+}
+
+void filter_image(const float* image, const float* in, float* out, int channels, int H, int W, float sigma_rgb,
+                  float sigma_xy) {
+    const int64_t num_points = static_cast<int64_t>(H) * W;
+    std::vector<float> features(num_points * kFeatureDim);
+    for (int y = 0; y < H; ++y) {
+        for (int x = 0; x < W; ++x) {
+            const int64_t p = static_cast<int64_t>(y) * W + x;
+            float* f = features.data() + p * kFeatureDim;
+            f[0] = float(x) / sigma_xy;
+            f[1] = float(y) / sigma_xy;
+            for (int c = 0; c < 3; ++c) f[2 + c] = image[c * num_points + p] / sigma_rgb;
+        }
+    }
+    const permutohedral::Lattice lattice(features.data(), kFeatureDim, num_points);
+    lattice.filter(in, out, channels);
+}
+
+}  // namespace
+
+void bilateralfilter(const float* image, int64_t image_size, const float* in, int64_t in_size, float* out,
+                     int64_t out_size, int H, int W, float sigma_rgb, float sigma_xy) {
+    require_positive("H", H);
+    require_positive("W", W);
+    require_sigma("sigma_rgb", sigma_rgb);
+    require_sigma("sigma_xy", sigma_xy);
+    const int64_t pixels = static_cast<int64_t>(H) * W;
+    require_size("image", image_size, 3 * pixels, "3*H*W");
+    require_size("in", in_size, pixels, "H*W");
+    require_size("out", out_size, pixels, "H*W");
+    filter_image(image, in, out, 1, H, W, sigma_rgb, sigma_xy);
+}
+
+void bilateralfilter_batch(const float* images, int64_t images_size, const float* ins, int64_t ins_size,
+                           float* outs, int64_t outs_size, int N, int K, int H, int W, float sigma_rgb,
+                           float sigma_xy) {
+    require_positive("N", N);
+    require_positive("K", K);
+    require_positive("H", H);
+    require_positive("W", W);
+    require_sigma("sigma_rgb", sigma_rgb);
+    require_sigma("sigma_xy", sigma_xy);
+    const int64_t pixels = static_cast<int64_t>(H) * W;
+    require_size("images", images_size, N * 3 * pixels, "N*3*H*W");
+    require_size("ins", ins_size, N * K * pixels, "N*K*H*W");
+    require_size("outs", outs_size, N * K * pixels, "N*K*H*W");
+#ifdef _OPENMP
+    // Enough images to feed every thread: one image per thread; otherwise each image uses all.
+    const bool over_images = N >= omp_get_max_threads();
+#else
+    const bool over_images = false;
+#endif
+    // An exception must not leave an OpenMP region: keep the first and rethrow after it.
+    std::exception_ptr failure;
+#pragma omp parallel for schedule(dynamic, 1) if (over_images)
+    for (int n = 0; n < N; ++n) {
+        try {
+            const int64_t offset = static_cast<int64_t>(n) * K * pixels;
+            filter_image(images + n * 3 * pixels, ins + offset, outs + offset, K, H, W, sigma_rgb, sigma_xy);
+        } catch (...) {
+#pragma omp critical(bilateralfilter_failure)
+            if (!failure) failure = std::current_exception();
+        }
+    }
+    if (failure) std::rethrow_exception(failure);
+}
