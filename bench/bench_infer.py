@@ -1,0 +1,116 @@
+"""Inference speed: the engine of infer_RRM.py vs the released script's serial loop, side by side.
+
+VOC-sized synthetic images (375-500 px sides), RRM at width 1.0 (random weights, seeded), CPU.
+"released serial": per image, read with cv2, normalise, one forward, upsample, softmax, argmax,
+write the PNG, then the inference CRF and its PNG, one after the other (as released infer_RRM.py).
+"engine": `tool.inference.run_inference` (DataLoader worker, CRF in `--crf_workers` processes
+while the network runs). Both are timed with and without CRF after one warm-up forward; the
+predictions of the two are compared pixel for pixel. Target: engine/serial >= 1.5x with CRF.
+Run: .venv/bin/python bench/bench_infer.py [--images 3] [--crf_workers 1] [--width 1.0]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tool.crf import inference_crf  # noqa: E402
+from tool.inference import ImageListDataset, load_model, run_inference  # noqa: E402
+from voc12.lists import write_plain_mask  # noqa: E402
+from voc12.synthetic import generate_dataset  # noqa: E402
+
+TARGET_WITH_CRF = 1.5
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (CRF workers, loader workers)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def released_serial_loop(model: torch.nn.Module, ids: list[str], image_dir: str, out_dir: str, crf: bool) -> None:
+    """The released infer_RRM.py loop body, image after image."""
+    for image_id in ids:
+        bgr = cv2.imread(os.path.join(image_dir, image_id + ".jpg"))
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float64)
+        original = rgb.astype(np.uint8)
+        normalised = (rgb / 255.0 - MEAN) / STD
+        x = torch.from_numpy(normalised[np.newaxis].transpose(0, 3, 1, 2)).float()
+        with torch.no_grad():
+            output = model(x, require_mcam=False, require_seg=True)
+            output = F.interpolate(output, rgb.shape[:2], mode="bilinear", align_corners=False)[0]
+            probs = torch.softmax(output, dim=0)
+            prediction = torch.argmax(output, dim=0).numpy()
+        cv2.imwrite(os.path.join(out_dir, "no_crf", image_id + ".png"), prediction.astype(np.uint8))
+        if crf:
+            labels = np.argmax(inference_crf(original, probs.numpy()), 0)
+            write_plain_mask(os.path.join(out_dir, "crf", image_id + ".png"), labels)
+
+
+def agreement(dir_a: str, dir_b: str, ids: list[str]) -> float:
+    same = total = 0
+    for image_id in ids:
+        a = cv2.imread(os.path.join(dir_a, image_id + ".png"), cv2.IMREAD_UNCHANGED)
+        b = cv2.imread(os.path.join(dir_b, image_id + ".png"), cv2.IMREAD_UNCHANGED)
+        same += int((a == b).sum())
+        total += a.size
+    return same / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=3)
+    parser.add_argument("--crf_workers", type=int, default=1)
+    parser.add_argument("--num_workers", type=int, default=1)
+    parser.add_argument("--width", type=float, default=1.0,
+                        help="below 1.0 the network is cheap next to the CRF, as on a GPU")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="bench_infer_")
+    generate_dataset(work, num_train=1, num_val=args.images, seed=0, size_min=375, size_max=500)
+    with open(os.path.join(work, "ImageSets", "Segmentation", "val.txt")) as handle:
+        ids = handle.read().split()
+    image_dir = os.path.join(work, "JPEGImages")
+    sizes = [cv2.imread(os.path.join(image_dir, i + ".jpg")).shape[:2] for i in ids]
+    torch.manual_seed(0)
+    model = load_model("network.RRM", None, args.width, "cpu")
+    with torch.no_grad():
+        model.predict_seg(torch.zeros(1, 3, *sizes[0]))  # warm-up: oneDNN primitive creation
+    dataset = ImageListDataset(ids, image_dir)
+    print(f"{len(ids)} images {', '.join(f'{w}x{h}' for h, w in sizes)}; RRM width {args.width}; "
+          f"{args.crf_workers} CRF worker(s); torch threads {torch.get_num_threads()}; load avg {os.getloadavg()[0]:.1f}")
+    results = {}
+    for crf in (True, False):
+        tag = "crf" if crf else "no_crf"
+        serial_dir, engine_dir = os.path.join(work, f"serial_{tag}"), os.path.join(work, f"engine_{tag}")
+        for folder in ("no_crf", "crf"):
+            os.makedirs(os.path.join(serial_dir, folder), exist_ok=True)
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        released_serial_loop(model, ids, image_dir, serial_dir, crf)
+        serial_s, serial_cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        run_inference(model, dataset, out_pred_dir=os.path.join(engine_dir, "no_crf"),
+                      out_crf_dir=os.path.join(engine_dir, "crf"), crf=crf, crf_workers=args.crf_workers,
+                      num_workers=args.num_workers, progress=False)
+        engine_s, engine_cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+        same = agreement(os.path.join(serial_dir, tag), os.path.join(engine_dir, tag), ids)
+        results[tag] = serial_s / engine_s
+        print(f"{tag:>6}: released serial {len(ids) / serial_s:.3f} img/s ({serial_s / len(ids):.1f} s/img, "
+              f"cpu {serial_cpu / len(ids):.1f} s/img) | engine {len(ids) / engine_s:.3f} img/s "
+              f"({engine_s / len(ids):.1f} s/img, cpu {engine_cpu / len(ids):.1f} s/img) | "
+              f"engine/serial {serial_s / engine_s:.2f}x | same pixels {100 * same:.3f}%")
+    print(f"load avg after: {os.getloadavg()[0]:.1f}; with-CRF speed-up {results['crf']:.2f}x "
+          f"(target >= {TARGET_WITH_CRF}x: {'met' if results['crf'] >= TARGET_WITH_CRF else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Segment a list of images with a trained RRM model, as the released infer_RRM.py, plus mIoU.
+
+Writes no-CRF and CRF predictions as 8-bit class-index PNGs; when ground truth exists (`--gt_dir`,
+or `SegmentationClass` under `--voc12_root`) prints per-class IoU, mean IoU and pixel accuracy for
+both, and writes them to a summary JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+import network
+from tool.inference import (AMP_MODES, ImageListDataset, format_summary, load_model, pick_device,
+                            run_inference)
+from voc12.lists import IMAGE_DIR, MASK_DIR, default_list_path, read_id_list
+
+RELEASED_WEIGHTS = {"rrm": "./netWeights/RRM_final.pth", "rrm_attention": "./netWeights/RRM(attention)_final.pth"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", default=None,
+                        help="trained .pth (default: the released file of --network in ./netWeights)")
+    parser.add_argument("--network", default="network.RRM", help='network.RRM or "network.RRM(attention)"')
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier the weights were trained with")
+    parser.add_argument("--out_cam_pred", default="./output/result/no_crf", help="folder of no-CRF predictions")
+    parser.add_argument("--out_la_crf", default="./output/result/crf",
+                        help="folder of CRF predictions; '' or 'none' skips the CRF")
+    parser.add_argument("--out_color", default=None, help="also write VOC-palette PNGs to <dir>/no_crf and <dir>/crf")
+    parser.add_argument("--voc12_root", default=None, help="VOC2012 folder (JPEGImages, SegmentationClass, ImageSets)")
+    parser.add_argument("--LISTpath", default=None,
+                        help="image list, ids or released pairs (default: val.txt under --voc12_root)")
+    parser.add_argument("--IMpath", "--IM_path", dest="IMpath", default=None,
+                        help="folder of <id>.jpg (default: JPEGImages under --voc12_root)")
+    parser.add_argument("--gt_dir", default=None,
+                        help="folder of <id>.png ground truth (default: SegmentationClass under --voc12_root, if any)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                        help="input scales whose logits are averaged (released: 1.0)")
+    parser.add_argument("--flip", action="store_true", help="also average the horizontally mirrored input")
+    parser.add_argument("--crf_workers", type=int, default=1,
+                        help="processes solving CRFs while the network runs (0: serially, as released)")
+    parser.add_argument("--amp", nargs="?", const="auto", default="none", choices=AMP_MODES,
+                        help="mixed precision forward (bare --amp: fp16 on GPU, bf16 on CPU)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    parser.add_argument("--num_workers", type=int, default=1, help="DataLoader processes reading images")
+    parser.add_argument("--summary", default=None,
+                        help="summary JSON path (default: summary.json beside --out_cam_pred)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def resolve_inputs(args: argparse.Namespace) -> tuple[str, str, str | None]:
+    """(list file, image folder, ground-truth folder or None) from the flags, each checked and named."""
+    root = args.voc12_root
+    if root is not None and not os.path.isdir(root):
+        raise FileNotFoundError(f"--voc12_root: folder not found: {root}")
+    if args.LISTpath is None and root is None:
+        raise ValueError("give --LISTpath (the image list) or --voc12_root (uses its val.txt)")
+    if args.IMpath is None and root is None:
+        raise ValueError("give --IMpath (the folder of <id>.jpg) or --voc12_root (uses its JPEGImages)")
+    list_path = args.LISTpath or default_list_path(root, "val")
+    if not os.path.isfile(list_path):
+        raise FileNotFoundError(f"--LISTpath: image list not found: {list_path}")
+    image_dir = args.IMpath or os.path.join(root, IMAGE_DIR)
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"--IMpath: image folder not found: {image_dir}")
+    gt_dir = args.gt_dir
+    if gt_dir is not None and not os.path.isdir(gt_dir):
+        raise FileNotFoundError(f"--gt_dir: ground-truth folder not found: {gt_dir}")
+    if gt_dir is None and root is not None and os.path.isdir(os.path.join(root, MASK_DIR)):
+        gt_dir = os.path.join(root, MASK_DIR)
+    return list_path, image_dir, gt_dir
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.crf_workers < 0:
+        parser.error(f"--crf_workers must be >= 0, got {args.crf_workers}")
+    if args.num_workers < 0:
+        parser.error(f"--num_workers must be >= 0, got {args.num_workers}")
+    if any(scale <= 0 for scale in args.scales):
+        parser.error(f"--scales must be positive, got {args.scales}")
+    weights = args.weights or RELEASED_WEIGHTS[network.resolve_network(args.network).SegNet.variant]
+    use_crf = args.out_la_crf not in ("", "none", "None")
+    list_path, image_dir, gt_dir = resolve_inputs(args)
+    dataset = ImageListDataset(read_id_list(list_path), image_dir, gt_dir, require_gt=args.gt_dir is not None)
+    device = pick_device(args.device)
+    model = load_model(args.network, weights, args.width, device)
+    summary_path = args.summary or os.path.join(os.path.dirname(os.path.abspath(args.out_cam_pred)), "summary.json")
+    summary = run_inference(
+        model, dataset, out_pred_dir=args.out_cam_pred, out_crf_dir=args.out_la_crf if use_crf else None,
+        out_color_dir=args.out_color, crf=use_crf, scales=args.scales, flip=args.flip,
+        crf_workers=args.crf_workers, amp=args.amp, num_workers=args.num_workers, summary_path=summary_path,
+        progress=not args.no_progress,
+        extra_summary={"network": args.network, "weights": weights, "width": args.width, "device": str(device),
+                       "list": list_path, "image_dir": image_dir, "gt_dir": gt_dir})
+    print(format_summary(summary))
+    print(f"{summary['num_images']} images in {summary['seconds']:.1f} s "
+          f"({summary['images_per_second']:.2f} images/s); summary: {summary_path}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"infer_RRM.py: error: {error}")

@@ -1,0 +1,79 @@
+"""Test-time dense CRF in worker processes, so the network keeps running while CRFs are solved."""
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from typing import Hashable
+
+import numpy as np
+
+from tool.crf import inference_crf
+from voc12.lists import write_palette_mask, write_plain_mask
+
+
+def crf_label_map(image: np.ndarray, probs: np.ndarray, plain_path: str | None = None,
+                  color_path: str | None = None) -> np.ndarray:
+    """argmax of the inference CRF (SPEC §10) as uint8 (H,W); optionally written as index/palette PNGs."""
+    labels = np.argmax(inference_crf(image, probs), axis=0).astype(np.uint8)
+    if plain_path is not None:
+        write_plain_mask(plain_path, labels)
+    if color_path is not None:
+        write_palette_mask(color_path, labels)
+    return labels
+
+
+def _start_context() -> multiprocessing.context.BaseContext:
+    # fork starts a worker in milliseconds and the workers never touch torch; spawn elsewhere.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
+class CrfPool:
+    """Runs `crf_label_map` jobs on `workers` processes (0: in the calling process, when submitted).
+
+    At most `max_pending` jobs are in flight; `submit` waits for the oldest beyond that, which bounds
+    the memory held by queued probability maps. Results come back in submission order.
+    """
+
+    def __init__(self, workers: int, max_pending: int | None = None) -> None:
+        if workers < 0:
+            raise ValueError(f"--crf_workers must be >= 0, got {workers}")
+        self.workers = workers
+        self.max_pending = max_pending if max_pending is not None else 2 * max(workers, 1)
+        if self.max_pending < 1:
+            raise ValueError(f"CrfPool: max_pending must be >= 1, got {self.max_pending}")
+        self._pool = _start_context().Pool(workers) if workers > 0 else None
+        self._pending: deque = deque()
+
+    def submit(self, key: Hashable, image: np.ndarray, probs: np.ndarray, plain_path: str | None = None,
+               color_path: str | None = None) -> list[tuple[Hashable, np.ndarray]]:
+        """Queue one CRF; returns the (key, label map) pairs that are finished by now (in order)."""
+        args = (image, probs, plain_path, color_path)
+        if self._pool is None:
+            return [(key, crf_label_map(*args))]
+        self._pending.append((key, self._pool.apply_async(crf_label_map, args)))
+        finished = []
+        while self._pending and (len(self._pending) > self.max_pending or self._pending[0][1].ready()):
+            finished.append(self._pop())
+        return finished
+
+    def _pop(self) -> tuple[Hashable, np.ndarray]:
+        key, result = self._pending.popleft()
+        return key, result.get()
+
+    def drain(self) -> list[tuple[Hashable, np.ndarray]]:
+        """Wait for every queued job; returns their (key, label map) pairs in order."""
+        return [self._pop() for _ in range(len(self._pending))]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+        self._pending.clear()
+
+    def __enter__(self) -> "CrfPool":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
