@@ -1,0 +1,506 @@
+"""The one training engine behind train_from_init.py and train_from_cls_weight.py (SPEC §9).
+
+A script declares its defaults (`build_parser(script_defaults, network_defaults)`), and
+`run_training(args)` does the rest: model and weights, the 4 parameter groups, SGD and its lr
+schedule, per step the 4-scale CAM forward, reliable-region mining, the joint loss, backward and
+update; devices (CPU, CUDA, DataParallel, DDP under torchrun), AMP, logs and checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from network import build_segnet, resolve_network
+from tool.checkpoint import (capture_rng_state, load_resume_checkpoint, restore_rng_state, save_model_weights,
+                             save_resume_checkpoint, unwrap_model)
+from tool.dense_energy import DenseEnergyLoss
+from tool.losses import classification_loss, joint_loss
+from tool.mining import ReliableRegionMiner, normalise_cam
+from tool.schedule import LearningRateSchedule, build_optimizer
+from tool.train_batches import PositionSeededDataset, StepBatchSampler
+from tool.weights import load_weights
+from voc12.data import TrainDatasetInit, TrainDatasetScaled
+from voc12.lists import default_cls_labels_path, default_list_path
+
+# Released-style weight files: `<session>N.pth` every 2,000 steps once more than 10,000 are done.
+WEIGHTS_EVERY = 2000
+WEIGHTS_AFTER = 10000
+AMP_MODES = ("none", "bf16", "fp16")
+# What a resumed run must share with the run that wrote the checkpoint.
+RESUME_MUST_MATCH = ("network", "width", "batch_size", "max_step", "seed", "schedule", "crop_size", "train_list")
+
+ModelFactory = Callable[[str, float], torch.nn.Module]
+
+
+def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> argparse.ArgumentParser:
+    """Every flag of both scripts; `script_defaults` overrides defaults and declares the recipe
+    (`schedule`: poly | two_phase, `augmentation`: init | scaled, `updates_past_max_step`).
+
+    Flags whose default depends on the network (batch_size, max_step, max_epoches, lr,
+    session_name) default to None here and are filled by `finalize_args` from
+    `script_defaults['network_defaults'][variant]`.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    data = parser.add_argument_group("data")
+    data.add_argument("--voc12_root", default="VOC2012", help="VOC2012 folder (JPEGImages/, ImageSets/, cls_labels.npy)")
+    data.add_argument("--train_list", "--LISTpath", dest="train_list", default=None,
+                      help="training ids (default <voc12_root>/ImageSets/Segmentation/train_aug.txt)")
+    data.add_argument("--val_list", default=None,
+                      help="accepted as released; the released classification validation is disabled, so unused")
+    data.add_argument("--IMpath", "--IM_path", dest="IMpath", default=None,
+                      help="JPEG folder; must be <voc12_root>/JPEGImages (its parent is the default voc12_root)")
+    data.add_argument("--cls_labels", default=None, help="class labels .npy (default <voc12_root>/cls_labels.npy)")
+    data.add_argument("--crop_size", type=int, default=448)
+    data.add_argument("--num_workers", type=int, default=8, help="DataLoader worker processes (per process)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--network", default="network.RRM", help="network.RRM or network.RRM(attention)")
+    model.add_argument("--weights", default="none",
+                       help=".params (MXNet ImageNet init), .pth, or 'none' (random initialisation)")
+    model.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = released network)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch_size", type=int, default=None, help="global batch (split over DDP processes)")
+    optim.add_argument("--max_epoches", type=int, default=None, help="epochs; gives max_step = len(list)//batch*epochs")
+    optim.add_argument("--max_step", type=int, default=None, help="number of scheduled updates (overrides epochs)")
+    optim.add_argument("--lr", type=float, default=None)
+    optim.add_argument("--wt_dec", type=float, default=5e-4)
+    optim.add_argument("--momentum", type=float, default=None,
+                       help="SGD momentum; default: the released quirk (momentum = --wt_dec)")
+    optim.add_argument("--densecrfloss", type=float, default=1e-7, help="dense energy loss weight (0 = off)")
+    optim.add_argument("--rloss-scale", dest="rloss_scale", type=float, default=0.5)
+    optim.add_argument("--sigma-rgb", dest="sigma_rgb", type=float, default=15.0)
+    optim.add_argument("--sigma-xy", dest="sigma_xy", type=float, default=100.0)
+    optim.add_argument("--mining_workers", type=int, default=None,
+                       help="processes mining pseudo labels (per training process; 0 = in-process; default: cores)")
+    optim.add_argument("--seed", type=int, default=0)
+
+    device = parser.add_argument_group("device")
+    device.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    device.add_argument("--gpu_id", default=None, help="sets CUDA_VISIBLE_DEVICES as released (not under torchrun)")
+    device.add_argument("--amp", nargs="?", const="bf16", default="none", choices=AMP_MODES,
+                        help="autocast: bf16 (CPU/GPU; the bare flag) or fp16 with a grad scaler (GPU)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--session_name", default=None, help="prefix of every written file")
+    output.add_argument("--save_dir", "--SAVEpath", dest="save_dir", default="runs")
+    output.add_argument("--save_every", type=int, default=1000, help="resume checkpoint every N steps (and at the end)")
+    output.add_argument("--log_every", type=int, default=50)
+    output.add_argument("--resume", default=None, help="resume checkpoint <save_dir>/<session>resume.pt to continue")
+
+    parser.set_defaults(**script_defaults)
+    return parser
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill network-dependent defaults and data paths; reject inconsistent values (no file access)."""
+    variant = resolve_network(args.network).SegNet.variant
+    for key, value in args.network_defaults[variant].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.IMpath is not None:
+        image_dir = os.path.normpath(args.IMpath)
+        if args.voc12_root == "VOC2012" and not os.path.isdir(args.voc12_root):
+            args.voc12_root = os.path.dirname(image_dir)
+        if image_dir != os.path.normpath(os.path.join(args.voc12_root, "JPEGImages")):
+            raise ValueError(f"--IMpath {args.IMpath} is not <voc12_root>/JPEGImages of --voc12_root {args.voc12_root}")
+    if args.train_list is None:
+        args.train_list = default_list_path(args.voc12_root, "train_aug")
+    if args.val_list is None:
+        args.val_list = default_list_path(args.voc12_root, "val")
+    if args.cls_labels is None:
+        args.cls_labels = default_cls_labels_path(args.voc12_root)
+    if args.max_step is None and args.max_epoches is None:
+        raise ValueError("give --max_step or --max_epoches")
+    for name in ("batch_size", "crop_size", "log_every", "save_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_step is not None and args.max_step < 1:
+        raise ValueError(f"--max_step must be >= 1, got {args.max_step}")
+    if args.mining_workers is not None and args.mining_workers < 0:
+        raise ValueError(f"--mining_workers must be >= 0, got {args.mining_workers}")
+    return args
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every file the run needs, checked before any work starts (the error names the path)."""
+    required = [("--resume checkpoint", args.resume)] if args.resume else []
+    if args.weights != "none" and not args.resume:
+        required.append(("--weights file", args.weights))
+    required += [("--train_list", args.train_list), ("--cls_labels file", args.cls_labels)]
+    if not os.path.isdir(args.voc12_root):
+        raise FileNotFoundError(f"--voc12_root not found: {args.voc12_root} is not a directory")
+    for what, path in required:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{what} not found: {path}")
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: device, distributed rank/world, DataParallel."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+    data_parallel: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(args: argparse.Namespace) -> Runtime:
+    """torchrun (RANK/WORLD_SIZE set) -> DDP over NCCL (CUDA) or Gloo (CPU); else one process,
+    with DataParallel when several GPUs are visible."""
+    launched_by_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.gpu_id is not None and not launched_by_torchrun:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu_id)
+    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.amp == "fp16" and not use_cuda:
+        raise ValueError("--amp fp16 needs a GPU (use --amp bf16 on CPU)")
+    if launched_by_torchrun:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        return Runtime(device, dist.get_rank(), dist.get_world_size(), distributed=True)
+    if use_cuda:
+        device = torch.device(args.device if args.device.startswith("cuda:") else "cuda")
+        return Runtime(device, data_parallel=args.device in ("auto", "cuda") and torch.cuda.device_count() > 1)
+    return Runtime(torch.device("cpu"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_dataset(args: argparse.Namespace) -> torch.utils.data.Dataset:
+    if args.augmentation == "init":
+        return TrainDatasetInit(args.voc12_root, args.train_list, args.cls_labels, args.crop_size)
+    if args.augmentation == "scaled":
+        return TrainDatasetScaled(args.voc12_root, args.train_list, args.cls_labels, args.crop_size)
+    raise ValueError(f"unknown augmentation {args.augmentation!r}; valid: init, scaled")
+
+
+def compute_max_step(args: argparse.Namespace, num_items: int) -> int:
+    """--max_step, else the released len(list) // batch * epochs."""
+    if args.max_step is not None:
+        return args.max_step
+    max_step = num_items // args.batch_size * args.max_epoches
+    if max_step < 1:
+        raise ValueError(f"{args.train_list} has {num_items} ids: fewer than one --batch_size {args.batch_size} batch")
+    return max_step
+
+
+def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def mine_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, originals: torch.Tensor,
+                       miner: ReliableRegionMiner) -> np.ndarray:
+    """CAM (B,20,h,w) -> crop size (bilinear, align_corners False), absent classes zeroed and each
+    map normalised, then reliable-region mining on the uint8 crops: (B,H,W) in {0..20,255}."""
+    height, width = originals.shape[-2:]
+    cam_up = F.interpolate(cam.detach().float(), size=(height, width), mode="bilinear", align_corners=False)
+    cam_np = cam_up.cpu().numpy()
+    labels_np = labels.detach().cpu().numpy()
+    norm_cams = np.stack([normalise_cam(cam_np[i], labels_np[i]) for i in range(cam_np.shape[0])])
+    images = np.ascontiguousarray(originals.cpu().numpy().transpose(0, 2, 3, 1), dtype=np.uint8)
+    return miner(images, labels_np, norm_cams)
+
+
+@dataclass
+class StepResult:
+    terms: dict[str, float]
+    classification_only: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Model, optimiser, schedule and loss pieces of one run; `step` makes one update."""
+
+    def __init__(self, args: argparse.Namespace, runtime: Runtime, max_step: int,
+                 model_factory: ModelFactory | None = None) -> None:
+        self.args = args
+        self.runtime = runtime
+        self.max_step = max_step
+        seed_everything(args.seed)  # same initialisation on every rank
+        model = (model_factory or build_segnet)(args.network, args.width)
+        if args.weights != "none" and not args.resume:
+            load_weights(model, args.weights)
+        model.to(runtime.device)
+        self.optimizer = build_optimizer(model.get_parameter_groups(), args.lr, args.wt_dec, args.momentum)
+        self.schedule = LearningRateSchedule(args.schedule, [g["lr"] for g in self.optimizer.param_groups], max_step)
+        if runtime.distributed:
+            # Phase 1 of train_from_init leaves the seg head without gradients.
+            self.model: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+                find_unused_parameters=args.schedule == "two_phase")
+        elif runtime.data_parallel:
+            self.model = torch.nn.DataParallel(model)
+        else:
+            self.model = model
+        self.model.train()
+        self.grad_scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+        self.dense_energy = (DenseEnergyLoss(weight=args.densecrfloss, sigma_rgb=args.sigma_rgb,
+                                             sigma_xy=args.sigma_xy, scale_factor=args.rloss_scale)
+                             if args.densecrfloss > 0 else None)
+        self.miner = ReliableRegionMiner(args.mining_workers)
+
+    def close(self) -> None:
+        self.miner.close()
+
+    def step(self, batch: Mapping[str, Any], t: int, timed: bool = False) -> StepResult:
+        """Update t (t updates already made): set the lr, forward, mine, losses, backward, step."""
+        device = self.runtime.device
+        clock = _StageClock(timed, device)
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        self.schedule.apply(self.optimizer, t)
+        cls_only = self.schedule.classification_only(t)
+        with autocast_context(self.args.amp, device):
+            if cls_only:
+                outputs = self.model(images, require_seg=False, require_mcam=False)
+            else:
+                outputs = self.model(images, require_seg=True, require_mcam=True)
+        clock.lap("forward")
+        if cls_only:
+            loss = classification_loss(outputs.float(), labels)
+            terms = {"cls": float(loss.detach()), "total": float(loss.detach())}
+        else:
+            logits, cam, seg = outputs[0], outputs[1], outputs[2]
+            seg = seg[0] if isinstance(seg, (list, tuple)) else seg
+            seg_feature = outputs[3].float() if len(outputs) == 4 else None
+            pseudo_label = mine_pseudo_labels(cam, labels, batch["original"], self.miner)
+            clock.lap("mining")
+            # Losses in float32 (dense energy and CE need it); autocast is off out here.
+            loss, terms = joint_loss(logits.float(), labels, seg.float(), pseudo_label,
+                                     batch["original"], batch["roi"], self.dense_energy, seg_feature)
+        clock.lap("losses")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        clock.lap("backward")
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        clock.lap("step")
+        return StepResult(terms, cls_only, clock.timings)
+
+
+class _StageClock:
+    """Wall time per stage (synchronising CUDA) when timed, else free."""
+
+    def __init__(self, enabled: bool, device: torch.device) -> None:
+        self.enabled = enabled
+        self.device = device
+        self.timings: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now
+
+
+class RunLog:
+    """Rank 0's outputs: tqdm bar, the released log line (also into <session>.log), JSON-lines metrics."""
+
+    def __init__(self, args: argparse.Namespace, max_step: int, total_steps: int, start_step: int,
+                 enabled: bool) -> None:
+        self.enabled = enabled
+        self.args = args
+        self.max_step = max_step
+        self.total_steps = total_steps
+        self.losses: list[float] = []
+        self.start_time = time.time()
+        self.start_step = start_step
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True)
+        if enabled:
+            os.makedirs(args.save_dir, exist_ok=True)
+            self.text = open(os.path.join(args.save_dir, f"{args.session_name}.log"), "a")
+            self.metrics = open(os.path.join(args.save_dir, f"{args.session_name}metrics.jsonl"), "a")
+            self.text.write(json.dumps({k: v for k, v in vars(args).items() if k != "network_defaults"}) + "\n")
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+            self.text.write(text + "\n")
+            self.text.flush()
+
+    def after_update(self, t: int, result: StepResult, lrs: Sequence[float]) -> None:
+        if not self.enabled:
+            return
+        self.losses.append(result.terms["total"])
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{result.terms['total']:.4f}", lr=f"{lrs[0]:.2e}")
+        record = {"step": t, "lr": list(lrs), "classification_only": result.classification_only,
+                  "time": time.time(), **result.terms}
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if t % self.args.log_every == 0:
+            elapsed = max(time.time() - self.start_time, 1e-9)
+            done = t + 1 - self.start_step
+            finish = self.start_time + elapsed / done * (self.total_steps - self.start_step)
+            self.line(f"Iter:{t:5d}/{self.max_step:5d} Loss:{np.mean(self.losses):.4f} "
+                      f"imps:{done * self.args.batch_size / elapsed:.1f} Fin:{time.ctime(finish)} lr: {lrs[0]:.4f}")
+            self.losses = []
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.enabled:
+            self.text.close()
+            self.metrics.close()
+
+
+def _reduce_terms(terms: dict[str, float], runtime: Runtime) -> dict[str, float]:
+    """Mean of each logged loss term over DDP ranks (for the log only)."""
+    if not runtime.distributed:
+        return terms
+    names = sorted(terms)
+    values = torch.tensor([terms[name] for name in names], dtype=torch.float64,
+                          device=runtime.device if runtime.device.type == "cuda" else "cpu")
+    dist.all_reduce(values)
+    return {name: float(value) / runtime.world_size for name, value in zip(names, values.tolist())}
+
+
+def session_path(args: argparse.Namespace, suffix: str) -> str:
+    return os.path.join(args.save_dir, f"{args.session_name}{suffix}")
+
+
+def _run_config(args: argparse.Namespace, max_step: int) -> dict[str, Any]:
+    config = {key: getattr(args, key) for key in RESUME_MUST_MATCH}
+    config["max_step"] = max_step
+    return config
+
+
+def _save_resume(trainer: Trainer, args: argparse.Namespace, runtime: Runtime, steps_done: int,
+                 max_step: int) -> str:
+    path = session_path(args, "resume.pt")
+    rng_states = [capture_rng_state()]
+    if runtime.distributed:
+        rng_states = [None] * runtime.world_size
+        dist.all_gather_object(rng_states, capture_rng_state())
+    if runtime.is_main:
+        save_resume_checkpoint(path, model=trainer.model, optimizer=trainer.optimizer, step=steps_done,
+                               data_position={"step": steps_done}, grad_scaler=trainer.grad_scaler,
+                               run_config={**_run_config(args, max_step), "rng_per_rank": rng_states})
+    return path
+
+
+def _restore(trainer: Trainer, args: argparse.Namespace, runtime: Runtime, max_step: int) -> int:
+    checkpoint = load_resume_checkpoint(args.resume)
+    saved = checkpoint["run_config"]
+    expected = _run_config(args, max_step)
+    different = [f"{key}: checkpoint {saved.get(key)!r} vs now {value!r}"
+                 for key, value in expected.items() if saved.get(key) != value]
+    if different:
+        raise ValueError(f"--resume {args.resume} was written by a different run: " + "; ".join(different))
+    unwrap_model(trainer.model).load_state_dict(checkpoint["model"])
+    trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+    if trainer.grad_scaler is not None and checkpoint["grad_scaler"] is not None:
+        trainer.grad_scaler.load_state_dict(checkpoint["grad_scaler"])
+    rng_states = saved["rng_per_rank"]
+    if len(rng_states) != runtime.world_size:
+        raise ValueError(f"--resume {args.resume} was written by {len(rng_states)} process(es); "
+                         f"now {runtime.world_size}: the random streams cannot continue exactly")
+    restore_rng_state(rng_states[runtime.rank])
+    return int(checkpoint["data_position"]["step"])
+
+
+@dataclass
+class TrainingResult:
+    steps_done: int
+    max_step: int
+    final_weights: str | None
+    resume_checkpoint: str
+    last_terms: dict[str, float]
+
+
+def run_training(args: argparse.Namespace, *, model_factory: ModelFactory | None = None,
+                 stop_after: int | None = None) -> TrainingResult:
+    """Train as the script's args say. `stop_after` ends after that many updates in total (with a
+    resume checkpoint, without final weights), as an interrupted run would."""
+    args = finalize_args(args)
+    check_inputs(args)
+    runtime = setup_runtime(args)
+    dataset = build_dataset(args)
+    max_step = compute_max_step(args, len(dataset))
+    total_steps = max_step + args.updates_past_max_step
+    trainer = Trainer(args, runtime, max_step, model_factory)
+    start_step = _restore(trainer, args, runtime, max_step) if args.resume else 0
+    if not args.resume:
+        seed_everything(args.seed + runtime.rank)  # each rank its own dropout stream
+    stop_step = total_steps if stop_after is None else min(total_steps, stop_after)
+    sampler = StepBatchSampler(len(dataset), args.batch_size, order=args.batch_order, seed=args.seed,
+                               start_step=start_step, stop_step=stop_step, rank=runtime.rank,
+                               world_size=runtime.world_size, per_batch_scale=args.augmentation == "scaled")
+    loader = DataLoader(PositionSeededDataset(dataset), batch_sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=runtime.device.type == "cuda",
+                        # Its own generator: starting the loader must not draw from the global (dropout) RNG.
+                        generator=torch.Generator().manual_seed(args.seed))
+    log = RunLog(args, max_step, total_steps, start_step, runtime.is_main)
+    terms: dict[str, float] = {}
+    steps_done = start_step
+    try:
+        for t, batch in zip(range(start_step, stop_step), loader):
+            result = trainer.step(batch, t)
+            steps_done = t + 1
+            result.terms = terms = _reduce_terms(result.terms, runtime)
+            log.after_update(t, result, [g["lr"] for g in trainer.optimizer.param_groups])
+            if runtime.is_main and t % WEIGHTS_EVERY == 0 and steps_done > WEIGHTS_AFTER:
+                save_model_weights(trainer.model, session_path(args, f"{t}.pth"))
+            if steps_done % args.save_every == 0 and steps_done < stop_step:
+                _save_resume(trainer, args, runtime, steps_done, max_step)
+        resume_path = _save_resume(trainer, args, runtime, steps_done, max_step)
+        final_path = None
+        if steps_done == total_steps:
+            final_path = session_path(args, "final.pth")
+            if runtime.is_main:
+                save_model_weights(trainer.model, final_path)
+                log.line(f"finished {steps_done} updates; weights: {final_path}")
+    finally:
+        log.close()
+        trainer.close()
+    if runtime.distributed:
+        dist.barrier()
+    return TrainingResult(steps_done, max_step, final_path, resume_path, terms)
+
+
+def main(script_defaults: Mapping[str, Any], description: str, argv: Sequence[str] | None = None) -> TrainingResult:
+    """CLI entry of a training script."""
+    args = build_parser(script_defaults, description).parse_args(argv)
+    try:
+        return run_training(args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

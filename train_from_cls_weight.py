@@ -1,0 +1,26 @@
+"""Train RRM from a ResNet-38 trained for VOC12 classification (`res38_cls.pth`, SPEC §9).
+
+Poly learning rate over max_step updates plus the released final update at t = max_step.
+Every flag: `python train_from_cls_weight.py --help`; multi-GPU/multi-node: `torchrun ...`.
+"""
+from tool.engine import main
+
+DEFAULTS = {
+    "schedule": "poly",
+    "augmentation": "scaled",
+    "batch_order": "stream",
+    # The released loop runs range(max_step + 1): one more update, at the last lr.
+    "updates_past_max_step": 1,
+    "weights": "./netWeights/res38_cls.pth",
+    "crop_size": 321,
+    "wt_dec": 1e-5,
+    "num_workers": 16,
+    "gpu_id": "0",
+    "network_defaults": {
+        "rrm": {"batch_size": 4, "max_step": 20000, "lr": 0.0007, "session_name": "RRM_"},
+        "rrm_attention": {"batch_size": 8, "max_step": 40000, "lr": 0.001, "session_name": "RRM(attention)_"},
+    },
+}
+
+if __name__ == "__main__":
+    main(DEFAULTS, __doc__)

@@ -1,0 +1,24 @@
+"""Train RRM end to end from the ImageNet (MXNet) initialisation of ResNet-38 (SPEC §9).
+
+Phase 1 (first half of max_step) trains classification only, phase 2 the full RRM loss.
+Every flag: `python train_from_init.py --help`; multi-GPU/multi-node: `torchrun ... train_from_init.py`.
+"""
+from tool.engine import main
+
+DEFAULTS = {
+    "schedule": "two_phase",
+    "augmentation": "init",
+    "batch_order": "epochs",
+    "updates_past_max_step": 0,
+    "weights": "./netWeights/ilsvrc-cls_rna-a1_cls1000_ep-0001.params",
+    "crop_size": 448,
+    "wt_dec": 5e-4,
+    "num_workers": 32,
+    "network_defaults": {
+        "rrm": {"batch_size": 8, "max_epoches": 24, "lr": 0.01, "session_name": "RRM_"},
+        "rrm_attention": {"batch_size": 8, "max_epoches": 48, "lr": 0.01, "session_name": "RRM(attention)_"},
+    },
+}
+
+if __name__ == "__main__":
+    main(DEFAULTS, __doc__)
