@@ -1,10 +1,12 @@
 """Inference speed: the engine of infer_RRM.py vs the released script's serial loop, side by side.
 
 VOC-sized synthetic images (375-500 px sides), RRM at width 1.0 (random weights, seeded), CPU.
-"released serial": per image, read with cv2, normalise, one forward, upsample, softmax, argmax,
-write the PNG, then the inference CRF and its PNG, one after the other (as released infer_RRM.py).
-"engine": `tool.inference.run_inference` (DataLoader worker, CRF in `--crf_workers` processes
-while the network runs). Both are timed with and without CRF after one warm-up forward; the
+"released serial": per image, read with cv2, normalise, one plain fp32 forward (oneDNN direct
+convolutions, `network.fast_conv.plain_convolution`), upsample, softmax, argmax, write the PNG,
+then the inference CRF and its PNG, one after the other (as released infer_RRM.py).
+"engine": `tool.inference.run_inference` (default forward: Winograd 3x3 convolutions via NNPACK,
+DataLoader worker, CRF in `--crf_workers` processes while the network runs). Both are timed with
+and without CRF after one warm-up forward of each path, side by side in one run; the
 predictions of the two are compared pixel for pixel. Target: engine/serial >= 1.5x with CRF.
 Run: .venv/bin/python bench/bench_infer.py [--images 3] [--crf_workers 1] [--width 1.0]
 """
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from network.fast_conv import plain_convolution  # noqa: E402
 from tool.crf import inference_crf  # noqa: E402
 from tool.inference import ImageListDataset, load_model, run_inference  # noqa: E402
 from voc12.lists import write_plain_mask  # noqa: E402
@@ -39,7 +42,12 @@ def cpu_seconds() -> float:
 
 
 def released_serial_loop(model: torch.nn.Module, ids: list[str], image_dir: str, out_dir: str, crf: bool) -> None:
-    """The released infer_RRM.py loop body, image after image."""
+    """The released infer_RRM.py loop body, image after image, with the plain convolutions."""
+    with plain_convolution():
+        _released_loop_body(model, ids, image_dir, out_dir, crf)
+
+
+def _released_loop_body(model: torch.nn.Module, ids: list[str], image_dir: str, out_dir: str, crf: bool) -> None:
     for image_id in ids:
         bgr = cv2.imread(os.path.join(image_dir, image_id + ".jpg"))
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float64)
@@ -83,8 +91,10 @@ def main() -> None:
     sizes = [cv2.imread(os.path.join(image_dir, i + ".jpg")).shape[:2] for i in ids]
     torch.manual_seed(0)
     model = load_model("network.RRM", None, args.width, "cpu")
-    with torch.no_grad():
-        model.predict_seg(torch.zeros(1, 3, *sizes[0]))  # warm-up: oneDNN primitive creation
+    with torch.no_grad():  # warm-up of both paths: oneDNN primitive creation, NNPACK initialisation
+        model.predict_seg(torch.zeros(1, 3, *sizes[0]))
+        with plain_convolution():
+            model.predict_seg(torch.zeros(1, 3, *sizes[0]))
     dataset = ImageListDataset(ids, image_dir)
     print(f"{len(ids)} images {', '.join(f'{w}x{h}' for h, w in sizes)}; RRM width {args.width}; "
           f"{args.crf_workers} CRF worker(s); torch threads {torch.get_num_threads()}; load avg {os.getloadavg()[0]:.1f}")

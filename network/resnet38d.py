@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from network.fast_conv import FastConv2d
+
 
 def scale_channels(channels: int, width: float, multiple: int = 1) -> int:
     """`channels * width` rounded to a positive multiple of `multiple` (exact at width 1.0)."""
@@ -32,10 +34,10 @@ class ResBlock(nn.Module):
             first_dilation = dilation
         self.same_shape = in_channels == out_channels and stride == 1
         self.bn_branch2a = nn.BatchNorm2d(in_channels)
-        self.conv_branch2a = nn.Conv2d(in_channels, mid_channels, 3, stride, padding=first_dilation,
+        self.conv_branch2a = FastConv2d(in_channels, mid_channels, 3, stride, padding=first_dilation,
                                        dilation=first_dilation, bias=False)
         self.bn_branch2b1 = nn.BatchNorm2d(mid_channels)
-        self.conv_branch2b1 = nn.Conv2d(mid_channels, out_channels, 3, padding=dilation,
+        self.conv_branch2b1 = FastConv2d(mid_channels, out_channels, 3, padding=dilation,
                                         dilation=dilation, bias=False)
         if not self.same_shape:
             self.conv_branch1 = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
@@ -64,7 +66,7 @@ class ResBlock_bot(nn.Module):
         self.conv_branch2a = nn.Conv2d(in_channels, out_channels // 4, 1, stride, bias=False)
         self.bn_branch2b1 = nn.BatchNorm2d(out_channels // 4)
         self.dropout_2b1 = nn.Dropout2d(dropout)
-        self.conv_branch2b1 = nn.Conv2d(out_channels // 4, out_channels // 2, 3, padding=dilation,
+        self.conv_branch2b1 = FastConv2d(out_channels // 4, out_channels // 2, 3, padding=dilation,
                                         dilation=dilation, bias=False)
         self.bn_branch2b2 = nn.BatchNorm2d(out_channels // 2)
         self.dropout_2b2 = nn.Dropout2d(dropout)
@@ -100,7 +102,7 @@ class Net(nn.Module):
         c2048 = scale_channels(2048, width, multiple=4)
         self.out_channels = scale_channels(4096, width, multiple=4)
 
-        self.conv1a = nn.Conv2d(3, c64, 3, padding=1, bias=False)
+        self.conv1a = FastConv2d(3, c64, 3, padding=1, bias=False)
 
         self.b2 = ResBlock(c64, c128, c128, stride=2)
         self.b2_1 = ResBlock(c128, c128, c128)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from network import resnet38d
+from network.fast_conv import FastConv2d
 
 CAM_SCALES = (0.5, 1.5, 2.0)
 # What a forward returns depends on its mode flags (see each docstring).
@@ -41,8 +42,8 @@ class Net(resnet38d.Net):
         seg_channels = resnet38d.scale_channels(512, width)
         self.dropout7 = nn.Dropout2d(0.5)
         self.fc8 = nn.Conv2d(self.out_channels, 20, 1, bias=False)
-        self.fc8_seg_conv1 = nn.Conv2d(self.out_channels, seg_channels, 3, padding=12, dilation=12, bias=True)
-        self.fc8_seg_conv2 = nn.Conv2d(seg_channels, 21, 3, padding=12, dilation=12, bias=True)
+        self.fc8_seg_conv1 = FastConv2d(self.out_channels, seg_channels, 3, padding=12, dilation=12, bias=True)
+        self.fc8_seg_conv2 = FastConv2d(seg_channels, 21, 3, padding=12, dilation=12, bias=True)
         for layer in (self.fc8, self.fc8_seg_conv1, self.fc8_seg_conv2):
             nn.init.xavier_uniform_(layer.weight)
 

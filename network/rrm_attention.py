@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from network import resnet38d, rrm
+from network.fast_conv import FastConv2d
 
 
 class Net(rrm.Net):
@@ -21,8 +22,8 @@ class Net(rrm.Net):
         self.GAU_w1 = nn.Conv2d(self.out_channels, gau_channels, 1, bias=False)
         self.GAU_w2 = nn.Conv2d(self.out_channels, gau_channels, 1, bias=False)
         self.GAU_w3 = nn.Conv2d(self.out_channels, gau_channels, 1, bias=False)
-        self.fc8_seg_conv3 = nn.Conv2d(2 * gau_channels, gau_channels, 3, padding=1, bias=False)
-        self.fc8_seg_conv4 = nn.Conv2d(gau_channels, 21, 3, padding=1, bias=False)
+        self.fc8_seg_conv3 = FastConv2d(2 * gau_channels, gau_channels, 3, padding=1, bias=False)
+        self.fc8_seg_conv4 = FastConv2d(gau_channels, 21, 3, padding=1, bias=False)
 
     def segment_with_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Averaged segmentation logits (B,21,h,w) and seg_feature = concat(old, new)."""

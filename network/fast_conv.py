@@ -1,0 +1,108 @@
+"""3x3 convolution layer with a faster CPU path (Winograd via NNPACK), equal to nn.Conv2d up to
+float round-off.
+
+On an AVX2 CPU without AVX-512, oneDNN runs the networks' 3x3 convolutions as direct
+convolutions; NNPACK's single-image Winograd F(6x6,3x3) needs ~2-3x fewer CPU-seconds for them
+(relative error ~1e-5 per layer instead of ~3e-6). A dilated 3x3 convolution (dilation d,
+padding d) is an ordinary 3x3 convolution on each of the d*d interleaved sub-grids of its
+input; these are laid out as one mosaic image, one zero row/column between neighbours acting as
+their padding, so one NNPACK call serves them all. Used only where it pays off (see
+`FastConv2d.uses_fast_path`); everything else, CUDA and autocast included, is plain nn.Conv2d.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A mosaic larger than this (area relative to the input) costs more than Winograd saves.
+MAX_MOSAIC_GROWTH = 1.75
+# Few output channels leave NNPACK's transforms dominant (e.g. the 21-class heads).
+MIN_OUT_CHANNELS = 32
+
+_fast_path_enabled = True
+
+
+@functools.cache
+def nnpack_available() -> bool:
+    """Whether NNPACK works here (the first call also initialises it; calls fail before that)."""
+    return bool(torch._nnpack_available())
+
+
+def set_fast_conv(enabled: bool) -> None:
+    """Switch the NNPACK path of every FastConv2d on or off (on by default)."""
+    global _fast_path_enabled
+    _fast_path_enabled = bool(enabled)
+
+
+@contextlib.contextmanager
+def plain_convolution() -> Iterator[None]:
+    """Within the block every FastConv2d runs as plain nn.Conv2d (the released computation)."""
+    previous = _fast_path_enabled
+    set_fast_conv(False)
+    try:
+        yield
+    finally:
+        set_fast_conv(previous)
+
+
+def mosaic_growth(height: int, width: int, dilation: int) -> float:
+    """Area of the sub-grid mosaic of a (height, width) map relative to the map itself."""
+    if dilation == 1:
+        return 1.0
+    rows = dilation * (-(-height // dilation) + 1)
+    cols = dilation * (-(-width // dilation) + 1)
+    return rows * cols / (height * width)
+
+
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     dilation: int = 1) -> torch.Tensor:
+    """conv2d(x, weight, bias, padding=dilation, dilation=dilation) for 3x3 weights, by NNPACK."""
+    if dilation == 1:
+        # NNPACK's fast inference algorithm is the single-image one.
+        outputs = [torch._nnpack_spatial_convolution(x[i:i + 1].contiguous(), weight, bias, [1, 1], [1, 1])
+                   for i in range(x.shape[0])]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    d = dilation
+    batch, channels, height, width = x.shape
+    sub_h, sub_w = -(-height // d), -(-width // d)
+    # Zero-fill to (sub+1)*d per side: the extra row/column of every sub-grid is its separator.
+    padded = F.pad(x, (0, d * (sub_w + 1) - width, 0, d * (sub_h + 1) - height))
+    mosaic = padded.view(batch, channels, sub_h + 1, d, sub_w + 1, d).permute(0, 1, 3, 2, 5, 4)
+    out = winograd_conv3x3(mosaic.reshape(batch, channels, d * (sub_h + 1), d * (sub_w + 1)),
+                           weight, bias, 1)
+    out_channels = out.shape[1]
+    out = out.view(batch, out_channels, d, sub_h + 1, d, sub_w + 1).permute(0, 1, 3, 2, 5, 4)
+    return out.reshape(batch, out_channels, (sub_h + 1) * d, (sub_w + 1) * d)[:, :, :height, :width]
+
+
+class FastConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, names and init) whose 3x3 stride-1 CPU forward uses NNPACK."""
+
+    def uses_fast_path(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether this call takes the NNPACK path (CPU float32, no autocast, a 3x3 stride-1
+        zero-padded conv with padding == dilation, enough output channels, small mosaic growth;
+        while autograd records, dilation 1 only: the mosaic's backward is slower than oneDNN's)."""
+        dilation = self.dilation[0]
+        if not (_fast_path_enabled and x.device.type == "cpu" and x.dim() == 4
+                and x.dtype == torch.float32 and weight.dtype == torch.float32
+                and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.groups == 1
+                and self.padding_mode == "zeros" and self.dilation == (dilation, dilation)
+                and self.padding == self.dilation and self.out_channels >= MIN_OUT_CHANNELS
+                and not torch.is_autocast_enabled("cpu")):
+            return False
+        if mosaic_growth(x.shape[2], x.shape[3], dilation) > MAX_MOSAIC_GROWTH:
+            return False
+        records_graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        if records_graph and dilation != 1:
+            return False
+        return nnpack_available()
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.uses_fast_path(x, weight):
+            return winograd_conv3x3(x, weight, bias, self.dilation[0])
+        return super()._conv_forward(x, weight, bias)
