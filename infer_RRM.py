@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Sequence
 
 import network
-from tool.inference import (AMP_MODES, ImageListDataset, format_summary, load_model, pick_device,
-                            run_inference)
-from voc12.lists import IMAGE_DIR, MASK_DIR, default_list_path, read_id_list
+from tool.cli import run_cli
+from tool.device import add_device_arguments, pick_device
+from tool.inference import format_summary, load_model, run_inference
+from voc12.data import EvalDataset
+from voc12.lists import IMAGE_DIR, MASK_DIR, default_list_path
 
 RELEASED_WEIGHTS = {"rrm": "./netWeights/RRM_final.pth", "rrm_attention": "./netWeights/RRM(attention)_final.pth"}
 
@@ -41,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flip", action="store_true", help="also average the horizontally mirrored input")
     parser.add_argument("--crf_workers", type=int, default=1,
                         help="processes solving CRFs while the network runs (0: serially, as released)")
-    parser.add_argument("--amp", nargs="?", const="auto", default="none", choices=AMP_MODES,
-                        help="mixed precision forward (bare --amp: fp16 on GPU, bf16 on CPU)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    add_device_arguments(parser)
     parser.add_argument("--num_workers", type=int, default=1, help="DataLoader processes reading images")
     parser.add_argument("--summary", default=None,
                         help="summary JSON path (default: summary.json beside --out_cam_pred)")
@@ -86,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     weights = args.weights or RELEASED_WEIGHTS[network.resolve_network(args.network).SegNet.variant]
     use_crf = args.out_la_crf not in ("", "none", "None")
     list_path, image_dir, gt_dir = resolve_inputs(args)
-    dataset = ImageListDataset(read_id_list(list_path), image_dir, gt_dir, require_gt=args.gt_dir is not None)
+    dataset = EvalDataset(list_path=list_path, image_dir=image_dir, gt_dir=gt_dir, require_gt=args.gt_dir is not None)
     device = pick_device(args.device)
     model = load_model(args.network, weights, args.width, device)
     summary_path = args.summary or os.path.join(os.path.dirname(os.path.abspath(args.out_cam_pred)), "summary.json")
@@ -104,7 +103,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"infer_RRM.py: error: {error}")
+    run_cli("infer_RRM.py", main)

@@ -3,6 +3,7 @@
 Poly learning rate over max_step updates plus the released final update at t = max_step.
 Every flag: `python train_from_cls_weight.py --help`; multi-GPU/multi-node: `torchrun ...`.
 """
+from tool.cli import run_cli
 from tool.engine import main
 
 DEFAULTS = {
@@ -23,4 +24,4 @@ DEFAULTS = {
 }
 
 if __name__ == "__main__":
-    main(DEFAULTS, __doc__)
+    run_cli("train_from_cls_weight.py", main, DEFAULTS, __doc__)

@@ -3,6 +3,7 @@
 Phase 1 (first half of max_step) trains classification only, phase 2 the full RRM loss.
 Every flag: `python train_from_init.py --help`; multi-GPU/multi-node: `torchrun ... train_from_init.py`.
 """
+from tool.cli import run_cli
 from tool.engine import main
 
 DEFAULTS = {
@@ -21,4 +22,4 @@ DEFAULTS = {
 }
 
 if __name__ == "__main__":
-    main(DEFAULTS, __doc__)
+    run_cli("train_from_init.py", main, DEFAULTS, __doc__)

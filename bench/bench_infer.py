@@ -26,7 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from network.fast_conv import plain_convolution  # noqa: E402
 from tool.crf import inference_crf  # noqa: E402
-from tool.inference import ImageListDataset, load_model, run_inference  # noqa: E402
+from tool.inference import load_model, run_inference  # noqa: E402
+from voc12.data import EvalDataset  # noqa: E402
 from voc12.lists import write_plain_mask  # noqa: E402
 from voc12.synthetic import generate_dataset  # noqa: E402
 
@@ -95,7 +96,7 @@ def main() -> None:
         model.predict_seg(torch.zeros(1, 3, *sizes[0]))
         with plain_convolution():
             model.predict_seg(torch.zeros(1, 3, *sizes[0]))
-    dataset = ImageListDataset(ids, image_dir)
+    dataset = EvalDataset(ids=ids, image_dir=image_dir)
     print(f"{len(ids)} images {', '.join(f'{w}x{h}' for h, w in sizes)}; RRM width {args.width}; "
           f"{args.crf_workers} CRF worker(s); torch threads {torch.get_num_threads()}; load avg {os.getloadavg()[0]:.1f}")
     results = {}

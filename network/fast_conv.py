@@ -6,8 +6,11 @@ convolutions; NNPACK's single-image Winograd F(6x6,3x3) needs ~2-3x fewer CPU-se
 (relative error ~1e-5 per layer instead of ~3e-6). A dilated 3x3 convolution (dilation d,
 padding d) is an ordinary 3x3 convolution on each of the d*d interleaved sub-grids of its
 input; these are laid out as one mosaic image, one zero row/column between neighbours acting as
-their padding, so one NNPACK call serves them all. Used only where it pays off (see
-`FastConv2d.uses_fast_path`); everything else, CUDA and autocast included, is plain nn.Conv2d.
+their padding, so one NNPACK call serves them all. Under autograd the input gradient is the
+same kind of convolution (of the output gradient, with the kernel flipped and its channels
+transposed), so it takes the NNPACK path too; the weight and bias gradients are torch's. Used
+only where it pays off (see `FastConv2d.uses_fast_path`); everything else, CUDA and autocast
+included, is plain nn.Conv2d.
 """
 from __future__ import annotations
 
@@ -80,13 +83,46 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out.reshape(batch, out_channels, (sub_h + 1) * d, (sub_w + 1) * d)[:, :, :height, :width]
 
 
+class WinogradConv3x3Function(torch.autograd.Function):
+    """winograd_conv3x3 with its gradients: input gradient by NNPACK (the transposed convolution of
+    a stride-1 'same' 3x3 convolution is one with the flipped, channel-transposed kernel), weight
+    and bias gradients by torch's convolution backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                dilation: int) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.dilation = dilation
+        ctx.has_bias = bias is not None
+        return winograd_conv3x3(x, weight, bias, dilation)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        d = ctx.dilation
+        grad_output = grad_output.contiguous()
+        # Few input channels = few outputs of the gradient convolution: NNPACK does not pay off.
+        input_by_winograd = ctx.needs_input_grad[0] and weight.shape[1] >= MIN_OUT_CHANNELS
+        mask = [ctx.needs_input_grad[0] and not input_by_winograd, ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2]]
+        grad_x = grad_weight = grad_bias = None
+        if any(mask):
+            grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad_output, x, weight, [weight.shape[0]] if ctx.has_bias else None,
+                [1, 1], [d, d], [d, d], False, [0, 0], 1, mask)
+        if input_by_winograd:
+            flipped = weight.flip(2, 3).transpose(0, 1).contiguous()
+            grad_x = winograd_conv3x3(grad_output, flipped, None, d)
+        return grad_x, grad_weight, grad_bias, None
+
+
 class FastConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, names and init) whose 3x3 stride-1 CPU forward uses NNPACK."""
 
     def uses_fast_path(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether this call takes the NNPACK path (CPU float32, no autocast, a 3x3 stride-1
-        zero-padded conv with padding == dilation, enough output channels, small mosaic growth;
-        while autograd records, dilation 1 only: the mosaic's backward is slower than oneDNN's)."""
+        zero-padded conv with padding == dilation, enough output channels, small mosaic growth)."""
         dilation = self.dilation[0]
         if not (_fast_path_enabled and x.device.type == "cpu" and x.dim() == 4
                 and x.dtype == torch.float32 and weight.dtype == torch.float32
@@ -97,12 +133,11 @@ class FastConv2d(nn.Conv2d):
             return False
         if mosaic_growth(x.shape[2], x.shape[3], dilation) > MAX_MOSAIC_GROWTH:
             return False
-        records_graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if records_graph and dilation != 1:
-            return False
         return nnpack_available()
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.uses_fast_path(x, weight):
-            return winograd_conv3x3(x, weight, bias, self.dilation[0])
-        return super()._conv_forward(x, weight, bias)
+        if not self.uses_fast_path(x, weight):
+            return super()._conv_forward(x, weight, bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            return WinogradConv3x3Function.apply(x, weight, bias, self.dilation[0])
+        return winograd_conv3x3(x, weight, bias, self.dilation[0])

@@ -224,6 +224,35 @@ def test_eval_dataset_items(root, copy_root):
     assert batch["id"] == [dataset.ids[0]] and batch["gt"].shape == (1,) + dataset[0]["gt"].shape
 
 
+def test_eval_dataset_from_folders_without_a_root(root, tmp_path):
+    """infer_RRM's --IMpath / --LISTpath / --gt_dir: items read from the given folders only."""
+    image_dir, gt_dir = os.path.join(root, "JPEGImages"), tmp_path / "gt"
+    ids = read_id_list(os.path.join(root, "ImageSets/Segmentation/val.txt"))
+    os.makedirs(gt_dir)
+    mask = np.array(Image.open(os.path.join(root, "SegmentationClass", ids[1] + ".png")))
+    Image.fromarray(mask).save(gt_dir / f"{ids[1]}.png")
+    dataset = EvalDataset(ids=ids[:2], image_dir=image_dir, gt_dir=gt_dir)
+    assert dataset.ids == ids[:2] and len(dataset) == 2
+    first, second = dataset[0], dataset[1]
+    assert set(first) == {"id", "image", "original"}  # no mask in gt_dir, no label file without a root
+    np.testing.assert_array_equal(first["original"], raw(root, ids[0]))
+    np.testing.assert_array_equal(second["gt"], mask)
+    listed = EvalDataset(list_path=os.path.join(root, "ImageSets/Segmentation/val.txt"), image_dir=image_dir)
+    assert listed.ids == ids and "gt" not in listed[1]
+    with pytest.raises(FileNotFoundError, match=f"mask not found for {ids[0]}: .*gt has no {ids[0]}.png"):
+        EvalDataset(ids=ids[:2], image_dir=image_dir, gt_dir=gt_dir, require_gt=True)
+    with pytest.raises(FileNotFoundError, match="ground-truth folder not found: .*nogt"):
+        EvalDataset(ids=ids, image_dir=image_dir, gt_dir=tmp_path / "nogt")
+    with pytest.raises(FileNotFoundError, match="image folder not found: .*nojpeg"):
+        EvalDataset(ids=ids, image_dir=tmp_path / "nojpeg")
+    with pytest.raises(FileNotFoundError, match="1 image.* of the id list not found, first: .*absent.jpg"):
+        EvalDataset(ids=["absent"], image_dir=image_dir)
+    with pytest.raises(ValueError, match="without a VOC12 root, give the image folder"):
+        EvalDataset(ids=ids)
+    with pytest.raises(ValueError, match="give ids or a list file"):
+        EvalDataset(root, os.path.join(root, "ImageSets/Segmentation/val.txt"), ids=ids)
+
+
 # --- bad input: every error names the file --------------------------------------------------------
 
 def test_missing_root_list_and_image(root, copy_root, tmp_path):

@@ -173,6 +173,7 @@ def test_stage_timings_cover_every_stage(voc_root, tmp_path):
     result = trainer.step(batch, 0, timed=True)
     trainer.close()
     assert set(result.timings) == {"forward", "mining", "losses", "backward", "step"}
+    assert set(result.cpu_timings) == set(result.timings) and all(v >= 0 for v in result.cpu_timings.values())
     assert set(result.terms) == {"cls", "ce", "dense", "total"}
 
 

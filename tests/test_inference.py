@@ -11,9 +11,8 @@ import infer_RRM
 import network
 from tool.crf import inference_crf
 from tool.crf_pool import CrfPool
-from tool.inference import (ImageListDataset, cam_label_map, evaluate_cam, load_model, predict_probs,
-                            run_inference)
-from voc12.data import CLASS_NAMES, normalise, to_chw
+from tool.inference import cam_label_map, evaluate_cam, load_model, predict_probs, run_inference
+from voc12.data import CLASS_NAMES, EvalDataset, normalise, to_chw
 from voc12.synthetic import generate_dataset
 
 WIDTH = 0.0625
@@ -138,8 +137,8 @@ def test_predict_probs_multiscale_flip_is_mean_of_passes_and_mirror_symmetric(we
 
 def test_parallel_crf_matches_serial_and_keeps_order(voc_root, weights, tmp_path):
     model = load_model("network.RRM", weights["network.RRM"], WIDTH)
-    dataset = ImageListDataset(val_ids(voc_root), os.path.join(voc_root, "JPEGImages"),
-                               os.path.join(voc_root, "SegmentationClass"))
+    dataset = EvalDataset(ids=val_ids(voc_root), image_dir=os.path.join(voc_root, "JPEGImages"),
+                          gt_dir=os.path.join(voc_root, "SegmentationClass"))
     results = {}
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
@@ -158,6 +157,11 @@ def test_parallel_crf_matches_serial_and_keeps_order(voc_root, weights, tmp_path
         finished += [key for key, _ in pool.drain()]
     assert finished == [0, 1, 2, 3]
 
+
+
+def test_crf_workers_run_at_lower_priority():
+    with CrfPool(workers=1) as pool:
+        assert pool._pool.apply(os.nice, (0,)) == min(os.nice(0) + 5, 19)
 
 def test_no_ground_truth_gives_no_miou_and_null_json(voc_root, weights, tmp_path):
     summary = infer_RRM.main(["--IMpath", os.path.join(voc_root, "JPEGImages"),
@@ -207,8 +211,8 @@ def test_cam_label_map_hand_worked():
 
 def test_evaluate_cam_matches_hand_computation(voc_root, weights):
     model = load_model("network.RRM", weights["network.RRM"], WIDTH)
-    dataset = ImageListDataset(val_ids(voc_root), os.path.join(voc_root, "JPEGImages"),
-                               os.path.join(voc_root, "SegmentationClass"))
+    dataset = EvalDataset(ids=val_ids(voc_root), image_dir=os.path.join(voc_root, "JPEGImages"),
+                          gt_dir=os.path.join(voc_root, "SegmentationClass"))
     result = evaluate_cam(model, dataset, progress=False)
     pairs = []
     for index in range(len(dataset)):
@@ -236,6 +240,7 @@ def test_amp_modes(weights):
     assert half.dtype == torch.float32 and half.shape == (21, 40, 48)
     # bf16 keeps ~3 significant digits: probabilities agree to a few hundredths
     torch.testing.assert_close(half, full, atol=0.05, rtol=0)
+    assert torch.equal(predict_probs(model, image, amp="auto"), half)  # the bare --amp on a CPU is bf16
     with pytest.raises(ValueError, match="--amp fp16 needs a GPU"):
         predict_probs(model, image, amp="fp16")
     with pytest.raises(ValueError, match="--amp 'fp8'"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from typing import Hashable
 
@@ -42,7 +43,8 @@ class CrfPool:
         self.max_pending = max_pending if max_pending is not None else 2 * max(workers, 1)
         if self.max_pending < 1:
             raise ValueError(f"CrfPool: max_pending must be >= 1, got {self.max_pending}")
-        self._pool = _start_context().Pool(workers) if workers > 0 else None
+        # Niced workers yield a shared core to the network's forward, the critical path.
+        self._pool = _start_context().Pool(workers, initializer=os.nice, initargs=(5,)) if workers > 0 else None
         self._pending: deque = deque()
 
     def submit(self, key: Hashable, image: np.ndarray, probs: np.ndarray, plain_path: str | None = None,

@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tool.bilateral import bilateral_filter
-
-UNLABELLED = 255
+from voc12.lists import IGNORE_LABEL
 
 
 class DenseEnergyLossFunction(torch.autograd.Function):
@@ -38,7 +37,7 @@ class DenseEnergyLossFunction(torch.autograd.Function):
         return loss.to(probs.dtype)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (gated_roi,) = ctx.saved_tensors
         grad_probs = -2.0 * grad_output * gated_roi / ctx.batch
         return None, grad_probs, None, None, None, None
@@ -76,7 +75,7 @@ class DenseEnergyLoss(nn.Module):
         scaled_probs = F.interpolate(probs, scale_factor=scale, mode="bilinear", align_corners=False)
         scaled_roi = F.interpolate(roi.unsqueeze(1).float(), scale_factor=scale).squeeze(1)
         scaled_label = F.interpolate(label.unsqueeze(1).float(), scale_factor=scale).squeeze(1)
-        unlabelled = scaled_label.long() == UNLABELLED
+        unlabelled = scaled_label.long() == IGNORE_LABEL
         return self.weight * DenseEnergyLossFunction.apply(
             scaled_images, scaled_probs, scaled_roi, unlabelled, self.sigma_rgb, self.sigma_xy * scale
         )

@@ -8,7 +8,6 @@ update; devices (CPU, CUDA, DataParallel, DDP under torchrun), AMP, logs and che
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -27,6 +26,7 @@ from network import build_segnet, resolve_network
 from tool.checkpoint import (capture_rng_state, load_resume_checkpoint, restore_rng_state, save_model_weights,
                              save_resume_checkpoint, unwrap_model)
 from tool.dense_energy import DenseEnergyLoss
+from tool.device import add_device_arguments, autocast_context, pick_device, resolve_amp
 from tool.losses import classification_loss, joint_loss
 from tool.mining import ReliableRegionMiner, normalise_cam
 from tool.schedule import LearningRateSchedule, build_optimizer
@@ -38,7 +38,6 @@ from voc12.lists import default_cls_labels_path, default_list_path
 # Released-style weight files: `<session>N.pth` every 2,000 steps once more than 10,000 are done.
 WEIGHTS_EVERY = 2000
 WEIGHTS_AFTER = 10000
-AMP_MODES = ("none", "bf16", "fp16")
 # What a resumed run must share with the run that wrote the checkpoint.
 RESUME_MUST_MATCH = ("network", "width", "batch_size", "max_step", "seed", "schedule", "crop_size", "train_list")
 
@@ -89,10 +88,8 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
     optim.add_argument("--seed", type=int, default=0)
 
     device = parser.add_argument_group("device")
-    device.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    add_device_arguments(device)
     device.add_argument("--gpu_id", default=None, help="sets CUDA_VISIBLE_DEVICES as released (not under torchrun)")
-    device.add_argument("--amp", nargs="?", const="bf16", default="none", choices=AMP_MODES,
-                        help="autocast: bf16 (CPU/GPU; the bare flag) or fp16 with a grad scaler (GPU)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--session_name", default=None, help="prefix of every written file")
@@ -168,11 +165,9 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
     launched_by_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if args.gpu_id is not None and not launched_by_torchrun:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu_id)
-    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    if args.amp == "fp16" and not use_cuda:
-        raise ValueError("--amp fp16 needs a GPU (use --amp bf16 on CPU)")
+    device = pick_device(args.device)
+    use_cuda = device.type == "cuda"
+    resolve_amp(args.amp, device)  # an impossible --amp fails before any work
     if launched_by_torchrun:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if not dist.is_initialized():
@@ -181,10 +176,8 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
         if use_cuda:
             torch.cuda.set_device(device)
         return Runtime(device, dist.get_rank(), dist.get_world_size(), distributed=True)
-    if use_cuda:
-        device = torch.device(args.device if args.device.startswith("cuda:") else "cuda")
-        return Runtime(device, data_parallel=args.device in ("auto", "cuda") and torch.cuda.device_count() > 1)
-    return Runtime(torch.device("cpu"))
+    data_parallel = use_cuda and args.device in ("auto", "cuda") and torch.cuda.device_count() > 1
+    return Runtime(device, data_parallel=data_parallel)
 
 
 def seed_everything(seed: int) -> None:
@@ -211,12 +204,6 @@ def compute_max_step(args: argparse.Namespace, num_items: int) -> int:
     return max_step
 
 
-def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 def mine_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, originals: torch.Tensor,
                        miner: ReliableRegionMiner) -> np.ndarray:
     """CAM (B,20,h,w) -> crop size (bilinear, align_corners False), absent classes zeroed and each
@@ -235,6 +222,7 @@ class StepResult:
     terms: dict[str, float]
     classification_only: bool
     timings: dict[str, float] = field(default_factory=dict)
+    cpu_timings: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
@@ -262,7 +250,7 @@ class Trainer:
         else:
             self.model = model
         self.model.train()
-        self.grad_scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
+        self.grad_scaler = torch.amp.GradScaler("cuda") if resolve_amp(args.amp, runtime.device) == "fp16" else None
         self.dense_energy = (DenseEnergyLoss(weight=args.densecrfloss, sigma_rgb=args.sigma_rgb,
                                              sigma_xy=args.sigma_xy, scale_factor=args.rloss_scale)
                              if args.densecrfloss > 0 else None)
@@ -310,26 +298,29 @@ class Trainer:
         else:
             self.optimizer.step()
         clock.lap("step")
-        return StepResult(terms, cls_only, clock.timings)
+        return StepResult(terms, cls_only, clock.timings, clock.cpu_timings)
 
 
 class _StageClock:
-    """Wall time per stage (synchronising CUDA) when timed, else free."""
+    """Wall time and this process's CPU time per stage (synchronising CUDA) when timed, else free."""
 
     def __init__(self, enabled: bool, device: torch.device) -> None:
         self.enabled = enabled
         self.device = device
         self.timings: dict[str, float] = {}
+        self.cpu_timings: dict[str, float] = {}
         self.last = time.perf_counter()
+        self.last_cpu = time.process_time()
 
     def lap(self, stage: str) -> None:
         if not self.enabled:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
-        self.last = now
+        self.cpu_timings[stage] = self.cpu_timings.get(stage, 0.0) + now_cpu - self.last_cpu
+        self.last, self.last_cpu = now, now_cpu
 
 
 class RunLog:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Sequence
 
-from tool.inference import NUM_SEG_CLASSES, SEG_CLASS_NAMES
-from tool.metrics import ConfusionMatrix
+from tool.cli import run_cli
+from tool.metrics import ConfusionMatrix, segmentation_confusion_matrix
 from voc12.lists import read_id_list, read_mask
 
 
@@ -24,7 +23,7 @@ def evaluate_folders(pred_dir: str, gt_dir: str, ids: Sequence[str]) -> Confusio
     for flag, folder in (("--pred_dir", pred_dir), ("--gt_dir", gt_dir)):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{flag}: folder not found: {folder}")
-    matrix = ConfusionMatrix(NUM_SEG_CLASSES, 255, SEG_CLASS_NAMES)
+    matrix = segmentation_confusion_matrix()
     for image_id in ids:
         pred_path = os.path.join(pred_dir, image_id + ".png")
         gt_path = os.path.join(gt_dir, image_id + ".png")
@@ -66,7 +65,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"tool.evaluate: error: {error}")
+    run_cli("tool.evaluate", main)

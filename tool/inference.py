@@ -7,7 +7,6 @@ upsampled logits of every pass are averaged before the softmax (one scale, no fl
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -22,37 +21,11 @@ from tqdm import tqdm
 
 import network
 from tool.crf_pool import CrfPool
-from tool.metrics import ConfusionMatrix
+from tool.device import autocast_context
+from tool.metrics import segmentation_confusion_matrix
 from tool.mining import BG_POWER_CAM, normalise_cam
 from tool.weights import load_weights
-from voc12.data import normalise, to_chw
-from voc12.lists import CLASS_NAMES, NUM_CLASSES, read_mask, read_rgb, write_palette_mask, write_plain_mask
-
-SEG_CLASS_NAMES: tuple[str, ...] = ("background",) + CLASS_NAMES
-NUM_SEG_CLASSES = len(SEG_CLASS_NAMES)
-AMP_MODES = ("none", "auto", "bf16", "fp16")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto`: CUDA when available, else CPU; otherwise the named device (checked)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def autocast_for(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision for the forward: `auto` = fp16 on CUDA, bf16 on CPU; `none` = fp32."""
-    if amp not in AMP_MODES:
-        raise ValueError(f"--amp {amp!r}: expected one of {', '.join(AMP_MODES)}")
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a GPU (use --amp bf16 on CPU)")
-    dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type != "cuda") else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from voc12.lists import NUM_CLASSES, SEG_CLASS_NAMES, write_palette_mask, write_plain_mask
 
 
 def load_model(network_name: str, weights: str | None, width: float = 1.0,
@@ -65,45 +38,6 @@ def load_model(network_name: str, weights: str | None, width: float = 1.0,
             raise FileNotFoundError(f"--weights: weights file not found: {weights}")
         load_weights(model, weights, allow_missing_heads=False)
     return model.eval().to(device)
-
-
-class ImageListDataset(Dataset):
-    """Full images `<image_dir>/<id>.jpg` as evaluation items (the `voc12.data.EvalDataset` dict):
-    'id', 'image' float32 (3,H,W) normalised, 'original' uint8 (H,W,3), 'gt' int64 (H,W) from
-    `<gt_dir>/<id>.png` when that file exists (`require_gt`: when it does not, an error)."""
-
-    def __init__(self, ids: Sequence[str], image_dir: str, gt_dir: str | None = None,
-                 require_gt: bool = False) -> None:
-        if not os.path.isdir(image_dir):
-            raise FileNotFoundError(f"image folder not found: {image_dir}")
-        if gt_dir is not None and not os.path.isdir(gt_dir):
-            raise FileNotFoundError(f"ground-truth folder not found: {gt_dir}")
-        missing = [i for i in ids if not os.path.isfile(os.path.join(image_dir, i + ".jpg"))]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) not found in {image_dir}, first: {missing[0]}.jpg")
-        if require_gt:
-            no_gt = [i for i in ids if not os.path.isfile(os.path.join(gt_dir, i + ".png"))]
-            if no_gt:
-                raise FileNotFoundError(f"{len(no_gt)} mask(s) not found in {gt_dir}, first: {no_gt[0]}.png")
-        self.ids = list(ids)
-        self.image_dir = image_dir
-        self.gt_dir = gt_dir
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, index: int) -> dict:
-        image_id = self.ids[index]
-        original = np.array(read_rgb(os.path.join(self.image_dir, image_id + ".jpg")))
-        item = {"id": image_id, "image": to_chw(normalise(original)), "original": original}
-        mask_path = os.path.join(self.gt_dir, image_id + ".png") if self.gt_dir else None
-        if mask_path is not None and os.path.isfile(mask_path):
-            mask = read_mask(mask_path)
-            if mask.shape != original.shape[:2]:
-                raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                                 f"{original.shape[1]}x{original.shape[0]}")
-            item["gt"] = mask.astype(np.int64)
-        return item
 
 
 def _single_item(batch: list[dict]) -> dict:
@@ -134,7 +68,7 @@ def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float]
             image, size=size, mode="bilinear", align_corners=False)
         if flip:
             scaled = torch.cat([scaled, scaled.flip(-1)])
-        with autocast_for(amp, image.device):
+        with autocast_context(amp, image.device):
             logits = model.predict_seg(scaled)
         logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
         summed = logits[0] + logits[1].flip(-1) if flip else logits[0]
@@ -173,7 +107,7 @@ def evaluate_cam(model: nn.Module, dataset: Dataset, progress: bool = True) -> d
     'label' or the ground truth) over the items with 'gt': ConfusionMatrix.as_dict() + num_images."""
     device = next(model.parameters()).device
     model.eval()
-    matrix = ConfusionMatrix(NUM_SEG_CLASSES, 255, SEG_CLASS_NAMES)
+    matrix = segmentation_confusion_matrix()
     num_images = 0
     for index in tqdm(range(len(dataset)), desc="CAM", unit="img", disable=not progress):
         item = dataset[index]
@@ -230,7 +164,7 @@ def run_inference(model: nn.Module, dataset: Dataset, *, out_pred_dir: str | Non
     for folder in (out_pred_dir, out_crf_dir if crf else None, color_dirs["no_crf"], color_dirs["crf"] if crf else None):
         if folder:
             os.makedirs(folder, exist_ok=True)
-    matrices = {kind: ConfusionMatrix(NUM_SEG_CLASSES, 255, SEG_CLASS_NAMES) for kind in ("no_crf", "crf")}
+    matrices = {kind: segmentation_confusion_matrix() for kind in ("no_crf", "crf")}
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers,
                         collate_fn=_single_item, pin_memory=device.type == "cuda")
     num_images = num_with_gt = 0

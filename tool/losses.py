@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_LABEL = 255
+from voc12.lists import IGNORE_LABEL
+
 COS_EPS = 1e-7
 COUNT_EPS = 1e-7
 NO_BG_PIXEL_TERM = 2.0    # background pixel term of an image without background pixels

@@ -5,11 +5,13 @@ import datetime
 import math
 import time
 from collections import defaultdict, deque
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from voc12.lists import IGNORE_LABEL, NUM_SEG_CLASSES, SEG_CLASS_NAMES
 
 
 def _is_dist_initialised() -> bool:
@@ -128,6 +130,11 @@ class ConfusionMatrix:
         return "\n".join(lines)
 
 
+def segmentation_confusion_matrix() -> ConfusionMatrix:
+    """The matrix every VOC mIoU here is scored with: background + 20 classes, 255 ignored."""
+    return ConfusionMatrix(NUM_SEG_CLASSES, IGNORE_LABEL, SEG_CLASS_NAMES)
+
+
 class SmoothedValue:
     """Tracks a series of values; gives smoothed values over a window and the global average."""
 
@@ -209,7 +216,7 @@ class MetricLogger:
             meter.synchronize_between_processes()
 
     def log_every(self, iterable: Iterable, print_freq: int, header: str = "",
-                  print_fn=print) -> Iterator:
+                  print_fn: Callable[[str], Any] = print) -> Iterator:
         """Yield from `iterable`, printing meters, ETA and iteration/data times every `print_freq` items."""
         start = end = time.time()
         iter_time = SmoothedValue(fmt="{avg:.4f}")

@@ -7,9 +7,8 @@ from typing import Iterator
 import numpy as np
 
 from tool.crf import TRAINING_CRF_PARAMS, dense_crf_same_image
+from voc12.lists import IGNORE_LABEL, NUM_CLASSES
 
-NUM_CLASSES = 20
-IGNORE_LABEL = 255
 CAM_FLOOR = 0.1          # CAM values at or below this never set a class threshold
 CAM_QUANTILE = 0.6       # position of the class threshold among the sorted CAM values
 BG_CAM_SURE = 0.8        # bg score above which background pixels are sure

@@ -29,7 +29,7 @@ def build_optimizer(param_groups: Sequence[Sequence[torch.nn.Parameter]], lr: fl
 class LearningRateSchedule:
     """lr of every group before update t (t = updates already made), or None = leave lrs unchanged."""
 
-    def __init__(self, kind: str, initial_lrs: Sequence[float], max_step: int):
+    def __init__(self, kind: str, initial_lrs: Sequence[float], max_step: int) -> None:
         if kind not in SCHEDULES:
             raise ValueError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
         if max_step < 1:

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from voc12.data import SCALE_RANGE
+
 # The two orders of the released scripts.
 ORDERS = ("epochs", "stream")
-SCALE_RANGE = (0.7, 1.3)
 
 
 # What a derived seed is for, so that streams of different purposes never coincide.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Sequence
 
 import cv2
@@ -18,11 +17,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tool.cli import run_cli
 from tool.crf_pool import crf_label_map
-from tool.inference import (ImageListDataset, image_label, load_model, multiscale_norm_cam, pick_device,
-                            predict_probs)
+from tool.device import add_device_arguments, pick_device
+from tool.inference import image_label, load_model, multiscale_norm_cam, predict_probs
 from tool.mining import mine_reliable_regions
-from voc12.lists import IMAGE_DIR, MASK_DIR, VOC_PALETTE, default_list_path, read_id_list
+from voc12.data import EvalDataset
+from voc12.lists import IGNORE_LABEL, IMAGE_DIR, MASK_DIR, VOC_PALETTE, default_list_path
 
 PANEL_TITLES: tuple[str, ...] = ("input", "ground truth", "CAM", "reliable labels", "prediction", "prediction + CRF")
 TITLE_HEIGHT = 20
@@ -39,7 +40,7 @@ def colorize(labels: np.ndarray, ignore_color: tuple[int, int, int] = WHITE) -> 
     if labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
         raise ValueError(f"colorize: labels must lie in 0..255, got {labels.min()}..{labels.max()}")
     rgb = VOC_PALETTE[labels.astype(np.uint8)]
-    rgb[labels == 255] = ignore_color
+    rgb[labels == IGNORE_LABEL] = ignore_color
     return rgb
 
 
@@ -107,7 +108,7 @@ def panel_for_item(model: nn.Module, item: dict, crf: bool = True, scales: Seque
     return render_panel([original, gt, heatmap, reliable, colorize(prediction), with_crf])
 
 
-def write_panels(model: nn.Module, dataset: ImageListDataset, ids: Sequence[str], out_dir: str,
+def write_panels(model: nn.Module, dataset: EvalDataset, ids: Sequence[str], out_dir: str,
                  crf: bool = True, scales: Sequence[float] = (1.0,), flip: bool = False) -> list[str]:
     """Write `<out_dir>/<id>_panel.png` for each id of `dataset` (an item list with an `ids` attribute)."""
     unknown = [image_id for image_id in ids if image_id not in dataset.ids]
@@ -133,24 +134,20 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser.add_argument("--num", type=int, default=4, help="how many images when --ids is not given")
     parser.add_argument("--out_dir", default="./output/panels", help="where <id>_panel.png go")
     parser.add_argument("--no_crf", action="store_true", help="leave the CRF tile empty")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    add_device_arguments(parser, amp=False)
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error(f"--num must be >= 1, got {args.num}")
-    list_path = args.list or default_list_path(args.voc12_root, "val")
-    all_ids = read_id_list(list_path)
     mask_dir = os.path.join(args.voc12_root, MASK_DIR)
-    dataset = ImageListDataset(all_ids, os.path.join(args.voc12_root, IMAGE_DIR),
-                               mask_dir if os.path.isdir(mask_dir) else None)
+    dataset = EvalDataset(list_path=args.list or default_list_path(args.voc12_root, "val"),
+                          image_dir=os.path.join(args.voc12_root, IMAGE_DIR),
+                          gt_dir=mask_dir if os.path.isdir(mask_dir) else None)
     model = load_model(args.network, args.weights, args.width, pick_device(args.device))
-    paths = write_panels(model, dataset, args.ids or all_ids[:args.num], args.out_dir, crf=not args.no_crf)
+    paths = write_panels(model, dataset, args.ids or dataset.ids[:args.num], args.out_dir, crf=not args.no_crf)
     for path in paths:
         print(path)
     return paths
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"tool.visualize: error: {error}")
+    run_cli("tool.visualize", main)

@@ -23,8 +23,8 @@ from torch.utils.data import SequentialSampler, get_worker_info
 from torchvision.transforms import ColorJitter
 
 from voc12.lists import (
-    CLASS_NAMES, IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, VOC_PALETTE, PathLike,
-    default_cls_labels_path, default_list_path, find_mask_path, image_path, labels_for_ids,
+    CLASS_NAMES, IGNORE_LABEL, IMAGE_DIR, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, VOC_PALETTE, PathLike,
+    default_cls_labels_path, default_list_path, find_mask_path, labels_for_ids,
     load_cls_labels, read_id_list, read_mask, read_rgb, require_dir,
 )
 
@@ -34,6 +34,8 @@ __all__ = [
     "seed_worker",
 ]
 
+# train_from_cls_weight's random scale, one per batch (SPEC §9).
+SCALE_RANGE: tuple[float, float] = (0.7, 1.3)
 _MEAN = np.asarray(IMAGENET_MEAN, np.float32)
 _STD = np.asarray(IMAGENET_STD, np.float32)
 
@@ -87,18 +89,37 @@ def to_chw(image: np.ndarray) -> np.ndarray:
 
 
 class _VOCImageList(Dataset):
-    """Ids of a list under a VOC root, with checked image files and an own random generator."""
+    """Ids of a list with checked `<image_dir>/<id>.jpg` files and an own random generator.
 
-    def __init__(self, voc12_root: PathLike, list_path: PathLike | None, default_split: str,
-                 seed: int | None) -> None:
-        require_dir(voc12_root, "VOC12 root")
-        self.voc12_root = os.fspath(voc12_root)
-        self.list_path = os.fspath(list_path) if list_path is not None else default_list_path(voc12_root, default_split)
-        self.ids = read_id_list(self.list_path)
-        missing = [image_path(self.voc12_root, i) for i in self.ids if not os.path.isfile(image_path(self.voc12_root, i))]
+    The list is `ids`, else the file `list_path`, else `<root>/ImageSets/Segmentation/<default_split>.txt`;
+    `image_dir` defaults to `<root>/JPEGImages`. Without a root, give the image folder and the ids or list.
+    """
+
+    def __init__(self, voc12_root: PathLike | None, list_path: PathLike | None, default_split: str,
+                 seed: int | None, *, ids: Sequence[str] | None = None, image_dir: PathLike | None = None) -> None:
+        if voc12_root is None and (image_dir is None or (ids is None and list_path is None)):
+            raise ValueError("without a VOC12 root, give the image folder and the ids or the list file")
+        if ids is not None and list_path is not None:
+            raise ValueError(f"give ids or a list file ({list_path}), not both")
+        if voc12_root is not None:
+            require_dir(voc12_root, "VOC12 root")
+        self.voc12_root = os.fspath(voc12_root) if voc12_root is not None else None
+        self.image_dir = os.fspath(image_dir) if image_dir is not None else os.path.join(self.voc12_root, IMAGE_DIR)
+        require_dir(self.image_dir, "image folder")
+        if ids is not None:
+            self.list_path = None
+            self.ids = list(ids)
+        else:
+            self.list_path = os.fspath(list_path) if list_path is not None else default_list_path(voc12_root, default_split)
+            self.ids = read_id_list(self.list_path)
+        missing = [self._image_path(i) for i in self.ids if not os.path.isfile(self._image_path(i))]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) of {self.list_path} not found, first: {missing[0]}")
+            source = self.list_path or "the id list"
+            raise FileNotFoundError(f"{len(missing)} image(s) of {source} not found, first: {missing[0]}")
         self.rng = np.random.default_rng(seed)
+
+    def _image_path(self, image_id: str) -> str:
+        return os.path.join(self.image_dir, image_id + ".jpg")
 
     def reseed(self, seed: int) -> None:
         """Restart this dataset's random stream (called per DataLoader worker by `seed_worker`)."""
@@ -109,7 +130,7 @@ class _VOCImageList(Dataset):
 
     def _read(self, index: int) -> tuple[str, Image.Image]:
         image_id = self.ids[index]
-        return image_id, read_rgb(image_path(self.voc12_root, image_id))
+        return image_id, read_rgb(self._image_path(image_id))
 
 
 class _LabelledImageList(_VOCImageList):
@@ -187,7 +208,7 @@ class TrainDatasetScaled(_LabelledImageList):
 
     def __init__(self, voc12_root: PathLike, list_path: PathLike | None = None,
                  cls_labels_path: PathLike | None = None, crop_size: int = 321, *,
-                 scale_range: tuple[float, float] = (0.7, 1.3), seed: int | None = None) -> None:
+                 scale_range: tuple[float, float] = SCALE_RANGE, seed: int | None = None) -> None:
         super().__init__(voc12_root, list_path, cls_labels_path, crop_size, seed)
         self.scale_range = _check_scale_range(scale_range)
 
@@ -230,7 +251,7 @@ class ScaledBatchSampler(Sampler[list[tuple[int, float]]]):
     """
 
     def __init__(self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool = True,
-                 scale_range: tuple[float, float] = (0.7, 1.3), seed: int = 0) -> None:
+                 scale_range: tuple[float, float] = SCALE_RANGE, seed: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.sampler = sampler
@@ -266,35 +287,60 @@ class ScaledBatchSampler(Sampler[list[tuple[int, float]]]):
 
 class EvalDataset(_VOCImageList):
     """Full images for inference/evaluation: id, normalised image (3,H,W), original (H,W,3) uint8,
-    'gt' int64 (H,W) from SegmentationClass (or SegmentationClassAug) when a mask exists, and
-    'label' when the id is in the class-label file.
+    'gt' int64 (H,W) when a mask exists, and 'label' when the id is in the class-label file.
 
-    `require_gt=True` makes a missing mask an error; `cls_labels_path=None` uses
-    `<root>/cls_labels.npy` if that file exists.
+    Masks are `<gt_dir>/<id>.png` when `gt_dir` is given, else SegmentationClass (or
+    SegmentationClassAug) under the root, else none. `require_gt=True` makes a missing mask an
+    error (checked here for every id). `cls_labels_path=None` uses `<root>/cls_labels.npy` if that
+    file exists. Without a root (`voc12_root=None`) give `image_dir` and `ids` or `list_path`
+    (infer_RRM.py's --IMpath and --LISTpath); the list defaults to the root's val.txt.
     """
 
-    def __init__(self, voc12_root: PathLike, list_path: PathLike | None = None,
-                 cls_labels_path: PathLike | None = None, *, require_gt: bool = False) -> None:
-        super().__init__(voc12_root, list_path, "val", seed=None)
+    def __init__(self, voc12_root: PathLike | None = None, list_path: PathLike | None = None,
+                 cls_labels_path: PathLike | None = None, *, ids: Sequence[str] | None = None,
+                 image_dir: PathLike | None = None, gt_dir: PathLike | None = None,
+                 require_gt: bool = False) -> None:
+        super().__init__(voc12_root, list_path, "val", seed=None, ids=ids, image_dir=image_dir)
+        if gt_dir is not None:
+            require_dir(gt_dir, "ground-truth folder")
+        self.gt_dir = os.fspath(gt_dir) if gt_dir is not None else None
         self.require_gt = require_gt
-        if cls_labels_path is None and os.path.isfile(default_cls_labels_path(voc12_root)):
+        if require_gt:
+            for image_id in self.ids:
+                self._require_mask(image_id)
+        if cls_labels_path is None and voc12_root is not None and os.path.isfile(default_cls_labels_path(voc12_root)):
             cls_labels_path = default_cls_labels_path(voc12_root)
         self.labels = load_cls_labels(cls_labels_path) if cls_labels_path is not None else {}
+
+    def _mask_path(self, image_id: str) -> str | None:
+        if self.gt_dir is not None:
+            path = os.path.join(self.gt_dir, image_id + ".png")
+            return path if os.path.isfile(path) else None
+        return find_mask_path(self.voc12_root, image_id) if self.voc12_root is not None else None
+
+    def _require_mask(self, image_id: str) -> str:
+        mask_path = self._mask_path(image_id)
+        if mask_path is None:
+            if self.gt_dir is not None:
+                where = f"{self.gt_dir} has no {image_id}.png"
+            elif self.voc12_root is not None:
+                where = f"neither SegmentationClass nor SegmentationClassAug under {self.voc12_root} has {image_id}.png"
+            else:
+                where = "no ground-truth folder was given"
+            raise FileNotFoundError(f"mask not found for {image_id}: {where}")
+        return mask_path
 
     def __getitem__(self, index: int) -> dict:
         image_id, image = self._read(index)
         original = np.array(image)  # writable: DataLoader turns it into a tensor
         item = {"id": image_id, "image": to_chw(normalise(original)), "original": original}
-        mask_path = find_mask_path(self.voc12_root, image_id)
+        mask_path = self._require_mask(image_id) if self.require_gt else self._mask_path(image_id)
         if mask_path is not None:
             mask = read_mask(mask_path)
             if mask.shape != original.shape[:2]:
                 raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
                                  f"{original.shape[1]}x{original.shape[0]}")
             item["gt"] = mask.astype(np.int64)
-        elif self.require_gt:
-            raise FileNotFoundError(f"mask not found for {image_id}: neither SegmentationClass nor "
-                                    f"SegmentationClassAug under {self.voc12_root} has {image_id}.png")
         if image_id in self.labels:
             item["label"] = self.labels[image_id].copy()
         return item

@@ -22,6 +22,9 @@ CLASS_NAMES: tuple[str, ...] = (
     "train", "tvmonitor",
 )
 NUM_CLASSES = len(CLASS_NAMES)
+# The labels of a segmentation mask: 0 = background, then the classes.
+SEG_CLASS_NAMES: tuple[str, ...] = ("background",) + CLASS_NAMES
+NUM_SEG_CLASSES = len(SEG_CLASS_NAMES)
 CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASS_NAMES)}
 IGNORE_LABEL = 255
 
@@ -51,10 +54,6 @@ def _voc_palette() -> np.ndarray:
 
 
 VOC_PALETTE: np.ndarray = _voc_palette()
-
-
-def image_path(root: PathLike, image_id: str) -> str:
-    return os.path.join(root, IMAGE_DIR, image_id + ".jpg")
 
 
 def annotation_path(root: PathLike, image_id: str) -> str:

@@ -1,0 +1,100 @@
+"""The demo's steps at a tiny size: data, both training phases, evaluation, results.json, panels."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from network import build_segnet
+from tool import demo
+from tool.evaluate import evaluate_folders
+from tool.visualize import GAP, TITLE_HEIGHT
+from voc12.lists import read_id_list
+
+TINY = ["--num_train", "8", "--num_val", "3", "--size_min", "40", "--size_max", "48", "--classes", "bird,person",
+        "--width", "0.0625", "--crop_size", "48", "--batch_size", "2", "--max_step", "4", "--num_panels", "2",
+        "--mining_workers", "0", "--num_workers", "0", "--crf_workers", "0", "--no_progress"]
+
+
+def test_calibrated_batchnorms_normalise_their_inputs():
+    torch.manual_seed(0)
+    model = build_segnet("rrm", 0.0625)
+    images = torch.randn(4, 3, 40, 40) * 2 + 0.5
+    demo.calibrate_frozen_batchnorm(model, images)
+    outputs = {}
+    hooks = [module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+             for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
+    model.eval()
+    with torch.no_grad():
+        model(images, require_seg=True, require_mcam=False)
+    for hook in hooks:
+        hook.remove()
+    assert len(outputs) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 30
+    for name, out in outputs.items():
+        mean, var = out.mean(dim=(0, 2, 3)), out.var(dim=(0, 2, 3))
+        assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-4), name
+        live = var > 1e-6  # channels that are constant on this batch stay constant
+        assert torch.allclose(var[live], torch.ones_like(var[live]), atol=1e-3), name
+    assert model.training is False and all(not p.requires_grad for m in model.modules()
+                                           if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+
+
+def test_calibration_keeps_the_signal_that_the_default_statistics_lose():
+    torch.manual_seed(0)
+    model = build_segnet("rrm", 0.0625).eval()
+    images = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        before = model.forward_as_dict(images)["conv6"].std()
+        demo.calibrate_frozen_batchnorm(model, images)
+        after = model.forward_as_dict(images)["conv6"].std()
+    assert before < 0.02 < 0.2 < after
+
+
+def test_dataset_is_reused_only_with_the_same_options(tmp_path):
+    args = demo.build_parser().parse_args(TINY)
+    options = demo.data_options(args)
+    root = str(tmp_path / "data")
+    assert demo.ensure_dataset(root, options) is True
+    assert demo.ensure_dataset(root, options) is False
+    assert demo.ensure_dataset(root, {**options, "num_val": 4}) is True
+    assert len(read_id_list(os.path.join(root, "ImageSets", "Segmentation", "val.txt"))) == 4
+
+
+def test_demo_end_to_end_tiny(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    results = demo.main(["--out", out] + TINY)
+    with open(os.path.join(out, "results.json")) as handle:
+        written = json.load(handle)
+    for key in demo.RESULT_KEYS:
+        assert 0.0 <= written[key] <= 1.0
+        assert written[key] == pytest.approx(results[key])
+    assert written["num_val_images"] == 3
+    # both phases of train_from_init ran: classification-only updates, then joint ones
+    with open(os.path.join(out, "run", "demo_metrics.jsonl")) as handle:
+        phases = [json.loads(line)["classification_only"] for line in handle]
+    assert phases == [True, True, True, False]
+    assert os.path.isfile(written["weights"])
+    # the no-CRF / CRF mIoU agree with scoring the written PNGs independently
+    ids = read_id_list(os.path.join(out, "data", "ImageSets", "Segmentation", "val.txt"))
+    gt_dir = os.path.join(out, "data", "SegmentationClass")
+    for kind, key in (("no_crf", "rrm_miou"), ("crf", "rrm_crf_miou")):
+        matrix = evaluate_folders(os.path.join(out, "pred", kind), gt_dir, ids)
+        assert matrix.compute()["mean_iou"] == pytest.approx(written[key], abs=1e-9)
+    assert [os.path.basename(p) for p in written["panels"]] == [f"{i}_panel.png" for i in ids[:2]]
+    for path, image_id in zip(written["panels"], ids):
+        height, width = np.asarray(Image.open(os.path.join(out, "data", "JPEGImages", image_id + ".jpg"))).shape[:2]
+        assert np.asarray(Image.open(path)).shape == (TITLE_HEIGHT + height, 6 * width + 5 * GAP, 3)
+    printed = capsys.readouterr().out
+    assert "CAM pseudo labels" in printed and "RRM segmentation + CRF" in printed
+    assert f"{100 * written['rrm_crf_miou']:5.1f}" in printed
+
+
+@pytest.mark.parametrize("flags, message", [(["--num_panels", "5", "--num_val", "3"], "--num_panels 5 exceeds"),
+                                            (["--max_step", "0"], "--max_step must be >= 1")])
+def test_bad_flags_are_named(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(flags)
+    assert message in capsys.readouterr().err
