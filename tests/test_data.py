@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torchvision.transforms import ColorJitter
 
+from tool.train_batches import PositionSeededDataset, StepBatchSampler
 from voc12.data import (
-    IMAGENET_MEAN, IMAGENET_STD, EvalDataset, ScaledBatchSampler, TrainDatasetInit, TrainDatasetScaled,
-    load_cls_labels, make_loader, read_id_list,
+    IMAGENET_MEAN, IMAGENET_STD, EvalDataset, TrainDatasetInit, TrainDatasetScaled, load_cls_labels, read_id_list,
 )
 from voc12.synthetic import generate_dataset
 
@@ -121,47 +121,20 @@ def test_scaled_dataset_uses_opencv_bilinear_resize(root):
     assert int(height * 0.7) <= bottom - top <= int(height * 1.3)
 
 
-def test_scaled_batch_sampler_shares_one_scale_per_batch():
-    sampler = ScaledBatchSampler(range(10), batch_size=4, drop_last=False, seed=1)
-    batches = list(sampler)
-    assert [len(b) for b in batches] == [4, 4, 2] == [len(b) for b in batches][:len(sampler)]
-    assert [i for b in batches for i, _ in b] == list(range(10))
-    scales = [{s for _, s in b} for b in batches]
-    assert all(len(s) == 1 for s in scales)
-    flat = [s.pop() for s in scales]
-    assert all(0.7 <= s <= 1.3 for s in flat) and len(set(flat)) == 3
-    assert len(ScaledBatchSampler(range(10), 4, drop_last=True)) == 2
-    # reproducible per (seed, epoch); the epoch advances on its own
-    again = ScaledBatchSampler(range(10), batch_size=4, drop_last=False, seed=1)
-    assert list(again) == batches and list(again) != batches
-    again.set_epoch(0)
-    assert list(again) == batches
-    with pytest.raises(ValueError, match="scale_range"):
-        ScaledBatchSampler(range(4), 2, scale_range=(1.3, 0.7))
-
-
-def test_scaled_batch_sampler_wraps_distributed_sampler(root):
-    dataset = TrainDatasetScaled(root, crop_size=64)
-    seen = []
-    for rank in (0, 1):
-        inner = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=3)
-        sampler = ScaledBatchSampler(inner, batch_size=2, drop_last=False, seed=3)
-        sampler.set_epoch(5)
-        assert inner.epoch == 5
-        seen += [i for batch in sampler for i, _ in batch]
-    assert sorted(seen) == list(range(10))
-
-
 def _scale_interval(length, extent):
     # scales s with int(length * s) == extent
     return extent / length, (extent + 1) / length
 
 
+def step_batches(dataset, batch_size, seed, workers, *, order="stream", scaled=False, steps=3):
+    """The training engine's batches: items seeded by their position, one scale per batch when scaled."""
+    sampler = StepBatchSampler(len(dataset), batch_size, order=order, seed=seed, start_step=0, stop_step=steps,
+                               per_batch_scale=scaled)
+    return list(DataLoader(PositionSeededDataset(dataset), batch_sampler=sampler, num_workers=workers))
+
+
 def test_loader_batches_share_scale_and_reproduce_under_seed(root):
-    dataset = TrainDatasetScaled(root, crop_size=160)
-    loader = make_loader(dataset, batch_size=3, seed=11, num_workers=2)
-    assert isinstance(loader.batch_sampler, ScaledBatchSampler) and not loader.pin_memory
-    batches = list(loader)
+    batches = step_batches(TrainDatasetScaled(root, crop_size=160), 3, seed=11, workers=2, scaled=True)
     assert len(batches) == 3 and batches[0]["image"].shape == (3, 3, 160, 160)
     assert batches[0]["original"].dtype == torch.uint8
     intervals = []
@@ -174,29 +147,26 @@ def test_loader_batches_share_scale_and_reproduce_under_seed(root):
                 a, b = _scale_interval(length, extent)
                 low, high = max(low, a), min(high, b)
         assert low < high  # one scale explains every image of the batch
+        assert 0.7 <= high and low <= 1.3
         intervals.append((low, high))
     assert len({round(low, 3) for low, _ in intervals}) > 1
-    again = list(make_loader(TrainDatasetScaled(root, crop_size=160), batch_size=3, seed=11, num_workers=2))
+    # the same seed gives the same batches, in worker processes or in the main process
+    again = step_batches(TrainDatasetScaled(root, crop_size=160), 3, seed=11, workers=0, scaled=True)
     for first, second in zip(batches, again):
         assert first["id"] == second["id"] and torch.equal(first["image"], second["image"])
-    other = list(make_loader(TrainDatasetScaled(root, crop_size=160), batch_size=3, seed=12, num_workers=2))
+    other = step_batches(TrainDatasetScaled(root, crop_size=160), 3, seed=12, workers=2, scaled=True)
     assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(batches, other) if a["id"] == b["id"]) or \
         [b["id"] for b in batches] != [b["id"] for b in other]
 
 
-def test_init_loader_reproduces_under_seed_in_workers_and_main_process(root):
+def test_init_batches_reproduce_under_seed_in_workers_and_main_process(root):
     def run(seed, workers):
-        return list(make_loader(TrainDatasetInit(root, crop_size=96), batch_size=2, seed=seed, num_workers=workers))
+        return step_batches(TrainDatasetInit(root, crop_size=96), 2, seed=seed, workers=workers, order="epochs")
+    first = run(5, 2)
     for workers in (0, 2):
-        first, second, other = run(5, workers), run(5, workers), run(6, workers)
+        second, other = run(5, workers), run(6, workers)
         assert all(torch.equal(a["original"], b["original"]) for a, b in zip(first, second))
         assert not all(torch.equal(a["original"], b["original"]) for a, b in zip(first, other))
-
-
-def test_loader_num_samples_repeats_shuffled_list(root):
-    loader = make_loader(TrainDatasetScaled(root, crop_size=64), batch_size=4, seed=0, num_samples=25)
-    ids = [i for batch in loader.batch_sampler for i, _ in batch]
-    assert len(ids) == 24 and sorted(ids[:10]) == list(range(10)) and sorted(ids[10:20]) == list(range(10))
 
 
 def test_eval_dataset_items(root, copy_root):
@@ -220,7 +190,7 @@ def test_eval_dataset_items(root, copy_root):
     os.remove(os.path.join(aug, item["id"] + ".png"))
     os.remove(os.path.join(copy_root, "cls_labels.npy"))
     assert set(EvalDataset(copy_root)[2]) == {"id", "image", "original"}
-    batch = next(iter(make_loader(EvalDataset(root), 1, shuffle=False, drop_last=False)))
+    batch = next(iter(DataLoader(EvalDataset(root), batch_size=1)))
     assert batch["id"] == [dataset.ids[0]] and batch["gt"].shape == (1,) + dataset[0]["gt"].shape
 
 

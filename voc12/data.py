@@ -1,25 +1,21 @@
-"""VOC12 datasets for RRM training and evaluation, the per-batch-scale sampler and a seeded loader.
+"""VOC12 datasets for RRM training and evaluation.
 
 Randomness: every dataset draws from its own `numpy.random.Generator` (flip, crop offsets, scale,
-and the seed of torchvision's ColorJitter, run inside a forked torch RNG). `seed_worker` reseeds
-that generator in each DataLoader worker from `torch.initial_seed()`, which DataLoader derives
-from the `generator` it is given, so one seed reproduces every augmentation. `make_loader`
-wires this up; see its docstring for what the training engine should call.
+and the seed of torchvision's ColorJitter, run inside a forked torch RNG), restarted by
+`reseed(seed)`. The training engine (tool.train_batches) reseeds it from each item's position in
+the run, so one seed reproduces every augmentation whatever the DataLoader workers.
 """
 
 from __future__ import annotations
 
 import os
-import random
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
-from torch.utils.data import SequentialSampler, get_worker_info
+from torch.utils.data import Dataset
 from torchvision.transforms import ColorJitter
 
 from voc12.lists import (
@@ -30,8 +26,7 @@ from voc12.lists import (
 
 __all__ = [
     "CLASS_NAMES", "IGNORE_LABEL", "IMAGENET_MEAN", "IMAGENET_STD", "NUM_CLASSES", "VOC_PALETTE", "EvalDataset",
-    "ScaledBatchSampler", "TrainDatasetInit", "TrainDatasetScaled", "load_cls_labels", "make_loader", "read_id_list",
-    "seed_worker",
+    "TrainDatasetInit", "TrainDatasetScaled", "load_cls_labels", "read_id_list",
 ]
 
 # train_from_cls_weight's random scale, one per batch (SPEC §9).
@@ -122,7 +117,7 @@ class _VOCImageList(Dataset):
         return os.path.join(self.image_dir, image_id + ".jpg")
 
     def reseed(self, seed: int) -> None:
-        """Restart this dataset's random stream (called per DataLoader worker by `seed_worker`)."""
+        """Restart this dataset's random stream (per item by tool.train_batches)."""
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -202,8 +197,8 @@ class TrainDatasetScaled(_LabelledImageList):
     batch's scale to (int(w*s), int(h*s)), hflip 0.5, normalise, random crop; 'original' is the crop
     de-normalised to uint8, so its padding is the mean colour.
 
-    Items are fetched with `(index, scale)` pairs from `ScaledBatchSampler`; a plain index draws a
-    scale of its own from `scale_range`.
+    Items are fetched with `(index, scale)` pairs (tool.train_batches.StepBatchSampler shares one
+    scale per batch); a plain index draws a scale of its own from `scale_range`.
     """
 
     def __init__(self, voc12_root: PathLike, list_path: PathLike | None = None,
@@ -240,49 +235,6 @@ def _check_scale_range(scale_range: Sequence[float]) -> tuple[float, float]:
     if not 0 < low <= high:
         raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {tuple(scale_range)}")
     return low, high
-
-
-class ScaledBatchSampler(Sampler[list[tuple[int, float]]]):
-    """Batches of `(index, scale)` pairs: one scale ~ U(scale_range) shared by a whole batch.
-
-    Wraps any index sampler (RandomSampler, DistributedSampler, a list, ...). The scales of an epoch
-    come from `numpy.random.default_rng([seed, epoch])`; the epoch advances by one per iteration
-    unless `set_epoch` sets it (which is also passed on to the wrapped sampler).
-    """
-
-    def __init__(self, sampler: Sampler[int] | Iterable[int], batch_size: int, drop_last: bool = True,
-                 scale_range: tuple[float, float] = SCALE_RANGE, seed: int = 0) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-        self.scale_range = _check_scale_range(scale_range)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[list[tuple[int, float]]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        self.epoch += 1
-        batch: list[int] = []
-        for index in self.sampler:
-            batch.append(int(index))
-            if len(batch) == self.batch_size:
-                scale = float(rng.uniform(*self.scale_range))
-                yield [(i, scale) for i in batch]
-                batch = []
-        if batch and not self.drop_last:
-            scale = float(rng.uniform(*self.scale_range))
-            yield [(i, scale) for i in batch]
-
-    def __len__(self) -> int:
-        count = len(self.sampler)
-        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
 
 
 class EvalDataset(_VOCImageList):
@@ -344,50 +296,3 @@ class EvalDataset(_VOCImageList):
         if image_id in self.labels:
             item["label"] = self.labels[image_id].copy()
         return item
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: seed numpy, `random` and the worker's dataset from torch's seed."""
-    seed = torch.initial_seed()
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    info = get_worker_info()
-    if info is not None and hasattr(info.dataset, "reseed"):
-        info.dataset.reseed(seed)
-
-
-def make_loader(dataset: Dataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                num_workers: int = 0, drop_last: bool = True, num_samples: int | None = None,
-                distributed: bool | None = None, pin_memory: bool | None = None) -> DataLoader:
-    """A reproducible DataLoader for any dataset of this module.
-
-    - index order: DistributedSampler (when `distributed`, default: torch.distributed is
-      initialised; seeded with `seed`), else RandomSampler (`shuffle`; `num_samples` larger than the
-      data set repeats it in fresh permutations, the released "shuffled and repeated" list), else
-      sequential;
-    - `TrainDatasetScaled` gets a `ScaledBatchSampler` (one scale per batch), others a BatchSampler;
-    - workers are seeded by `seed_worker` from a torch.Generator seeded with `seed + rank`; with
-      `num_workers=0` the dataset is reseeded with `seed + rank` here.
-    Call `loader.batch_sampler.set_epoch(epoch)` (scaled) or `loader.sampler.set_epoch` /
-    the DistributedSampler's `set_epoch` each epoch when distributed.
-    """
-    if distributed is None:
-        distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
-    if distributed:
-        if num_samples is not None:
-            raise ValueError("num_samples is not supported with a DistributedSampler; iterate epochs instead")
-        index_sampler: Sampler[int] = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    elif shuffle:
-        index_sampler = RandomSampler(dataset, num_samples=num_samples, generator=torch.Generator().manual_seed(seed))
-    else:
-        index_sampler = SequentialSampler(dataset)
-    if isinstance(dataset, TrainDatasetScaled):
-        batch_sampler: Sampler = ScaledBatchSampler(index_sampler, batch_size, drop_last, dataset.scale_range, seed + rank)
-    else:
-        batch_sampler = BatchSampler(index_sampler, batch_size, drop_last)
-    if num_workers == 0 and hasattr(dataset, "reseed"):
-        dataset.reseed(seed + rank)
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(seed + rank))
