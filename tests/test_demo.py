@@ -15,7 +15,7 @@ from tool.visualize import GAP, TITLE_HEIGHT
 from voc12.lists import read_id_list
 
 TINY = ["--num_train", "8", "--num_val", "3", "--size_min", "40", "--size_max", "48", "--classes", "bird,person",
-        "--width", "0.0625", "--crop_size", "48", "--batch_size", "2", "--max_step", "4", "--num_panels", "2",
+        "--width", "0.0625", "--crop_size", "48", "--batch_size", "2", "--max_step", "4", "--cls_steps", "2", "--num_panels", "2",
         "--mining_workers", "0", "--num_workers", "0", "--crf_workers", "0", "--no_progress"]
 
 
@@ -92,8 +92,26 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert f"{100 * written['rrm_crf_miou']:5.1f}" in printed
 
 
+def test_phase_and_data_flags_reach_the_engine_and_the_generator():
+    import train_from_init
+    from tool.engine import build_parser
+    from tool.schedule import LearningRateSchedule
+
+    args = demo.build_parser().parse_args(TINY + ["--seg_lr", "0.004", "--object_scale", "0.3", "0.4",
+                                                  "--max_clutter", "2"])
+    training = build_parser(train_from_init.DEFAULTS).parse_args(demo.training_argv(args, "root", "run"))
+    assert (training.cls_steps, training.seg_lr, training.max_step, training.weights) == (2, 0.004, 4, "none")
+    schedule = LearningRateSchedule(training.schedule, [training.lr] * 4, training.max_step,
+                                    training.cls_steps, training.seg_lr)
+    # phase 1 = updates 0..2 (the released t - 1 < cls_steps), then one joint update at seg_lr
+    assert [schedule.classification_only(t) for t in range(4)] == [True, True, True, False]
+    assert schedule.lrs_at(2) == pytest.approx([0.004] * 4)
+    assert demo.data_options(args)["object_scale"] == [0.3, 0.4] and demo.data_options(args)["max_clutter"] == 2
+
+
 @pytest.mark.parametrize("flags, message", [(["--num_panels", "5", "--num_val", "3"], "--num_panels 5 exceeds"),
-                                            (["--max_step", "0"], "--max_step must be >= 1")])
+                                            (["--max_step", "0"], "--max_step must be >= 1"),
+                                            (["--max_step", "50"], "--cls_steps 600 must be in 1..max_step-1 (49)")])
 def test_bad_flags_are_named(flags, message, capsys):
     with pytest.raises(SystemExit):
         demo.main(flags)

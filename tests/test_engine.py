@@ -206,3 +206,24 @@ def test_flag_errors(voc_root, tmp_path):
         finalize_args(tiny_args(train_from_init, voc_root, tmp_path, "--IMpath", "/elsewhere/JPEGImages"))
     with pytest.raises(ValueError, match="--batch_size must be >= 1, got 0"):
         finalize_args(tiny_args(train_from_init, voc_root, tmp_path, "--batch_size", "0"))
+
+
+def test_cls_steps_seg_lr_and_dropout_scale_reach_the_trainer(voc_root, tmp_path):
+    args = finalize_args(tiny_args(train_from_init, voc_root, tmp_path, "--max_step", "10", "--cls_steps", "7",
+                                   "--seg_lr", "0.003", "--lr", "0.02", "--dropout_scale", "0"))
+    trainer = Trainer(args, setup_runtime(args), max_step=10)
+    trainer.close()
+    # phase 1: poly over 7 updates from the 4 group lrs; phase 2 from 0.003 over the other 3
+    assert trainer.schedule.lrs_at(3)[0] == pytest.approx(0.02 * (4 / 7) ** 0.9)
+    assert trainer.schedule.lrs_at(8) == pytest.approx([0.003 * (2 / 3) ** 0.9] * 4)
+    assert [trainer.schedule.classification_only(t) for t in (7, 8)] == [True, False]
+    probabilities = [m.p for m in trainer.model.modules() if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d))]
+    assert len(probabilities) == 5 and probabilities == [0.0] * 5
+    released = Trainer(finalize_args(tiny_args(train_from_init, voc_root, tmp_path, "--max_step", "10")),
+                       setup_runtime(args), max_step=10)
+    released.close()
+    assert sorted(m.p for m in released.model.modules() if isinstance(m, torch.nn.Dropout2d)) == [0.3, 0.3, 0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="--dropout_scale must be in \\[0, 1\\], got 2.0"):
+        finalize_args(tiny_args(train_from_init, voc_root, tmp_path, "--max_step", "2", "--dropout_scale", "2"))
+    with pytest.raises(ValueError, match="--cls_steps needs the two_phase schedule"):
+        finalize_args(tiny_args(train_from_cls_weight, voc_root, tmp_path, "--max_step", "2", "--cls_steps", "1"))

@@ -93,3 +93,33 @@ def test_bad_schedule_arguments():
         LearningRateSchedule("cosine", [1.0], 10)
     with pytest.raises(ValueError, match="max_step must be >= 1"):
         LearningRateSchedule("poly", [1.0], 0)
+
+
+@pytest.mark.parametrize("t", [0, 1, 299, 300, 301, 350, 399, 400])
+def test_two_phase_schedule_with_cls_steps_and_seg_lr(t):
+    max_step, cls_steps, lr, seg_lr = 400, 300, 0.01, 0.002
+    initial = [lr, 2 * lr, 10 * lr, 20 * lr]
+    schedule = LearningRateSchedule("two_phase", initial, max_step, cls_steps=cls_steps, seg_lr=seg_lr)
+    got = schedule.lrs_at(t)
+    if t < 300:  # phase 1: poly over the 300 classification updates
+        assert got == pytest.approx([base * ((300 - t) / 300) ** 0.9 for base in initial], rel=1e-12)
+    elif t < 400:  # phase 2: poly over the remaining 100 updates from seg_lr, every group alike
+        assert got == pytest.approx([0.002 * ((400 - t) / 100) ** 0.9] * 4, rel=1e-12)
+    else:
+        assert got is None
+    # classification only for updates t = 0..300 (t - 1 < 300), joint from t = 301
+    assert schedule.classification_only(t) == (t in (0, 1, 299, 300))
+
+
+def test_two_phase_defaults_are_the_released_half_and_lr():
+    released = LearningRateSchedule("two_phase", [0.01] * 4, 100)
+    assert released.cls_steps == 50 and released.seg_lr == 0.0007
+    assert released.lrs_at(50) == pytest.approx([0.0007] * 4)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"cls_steps": 0}, "--cls_steps must be in 1..max_step-1 = 9, got 0"),
+                                             ({"cls_steps": 10}, "--cls_steps must be in 1..max_step-1 = 9, got 10"),
+                                             ({"seg_lr": 0.0}, "--seg_lr must be positive, got 0.0")])
+def test_bad_cls_steps_and_seg_lr(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        LearningRateSchedule("two_phase", [1.0] * 4, 10, **kwargs)

@@ -160,3 +160,24 @@ def test_cli_writes_tree_and_reports_bad_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         synthetic.main(["--help"])
     assert exit_info.value.code == 0 and "--num_train" in capsys.readouterr().out
+
+
+def test_object_scale_and_clutter_options(tmp_path, tree):
+    # the documented defaults are what generate_dataset used before these options existed
+    synthetic.generate_dataset(tmp_path / "explicit", 24, 8, seed=5, size_min=64, size_max=96,
+                               object_scale=(0.22, 0.5), max_clutter=8)
+    for image_id in ("train_000005", "val_000002"):
+        assert filecmp.cmp(os.path.join(tree, "JPEGImages", image_id + ".jpg"),
+                           os.path.join(tmp_path / "explicit", "JPEGImages", image_id + ".jpg"), shallow=False)
+
+    def foreground_fraction(root):
+        masks = [np.asarray(Image.open(os.path.join(root, "SegmentationClass", i + ".png"))) for i in _ids(root)]
+        return np.mean([(m > 0).mean() for m in masks])
+
+    synthetic.generate_dataset(tmp_path / "big", 24, 8, seed=5, size_min=64, size_max=96,
+                               object_scale=(0.4, 0.6), max_clutter=0)
+    assert foreground_fraction(tmp_path / "big") > foreground_fraction(tree) + 0.05
+    with pytest.raises(ValueError, match=r"object_scale must be 0 < min <= max <= 1.*\(0\.5, 0\.3\)"):
+        synthetic.generate_dataset(tmp_path / "bad", 1, 1, object_scale=(0.5, 0.3))
+    with pytest.raises(ValueError, match="max_clutter must be >= 0, got -1"):
+        synthetic.generate_dataset(tmp_path / "bad", 1, 1, max_clutter=-1)

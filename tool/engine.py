@@ -29,7 +29,7 @@ from tool.dense_energy import DenseEnergyLoss
 from tool.device import add_device_arguments, autocast_context, pick_device, resolve_amp
 from tool.losses import classification_loss, joint_loss
 from tool.mining import ReliableRegionMiner, normalise_cam
-from tool.schedule import LearningRateSchedule, build_optimizer
+from tool.schedule import SECOND_PHASE_LR, LearningRateSchedule, build_optimizer
 from tool.train_batches import PositionSeededDataset, StepBatchSampler
 from tool.weights import load_weights
 from voc12.data import TrainDatasetInit, TrainDatasetScaled
@@ -39,7 +39,8 @@ from voc12.lists import default_cls_labels_path, default_list_path
 WEIGHTS_EVERY = 2000
 WEIGHTS_AFTER = 10000
 # What a resumed run must share with the run that wrote the checkpoint.
-RESUME_MUST_MATCH = ("network", "width", "batch_size", "max_step", "seed", "schedule", "crop_size", "train_list")
+RESUME_MUST_MATCH = ("network", "width", "batch_size", "max_step", "seed", "schedule", "crop_size", "train_list",
+                     "cls_steps", "seg_lr")
 
 ModelFactory = Callable[[str, float], torch.nn.Module]
 
@@ -70,12 +71,18 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
     model.add_argument("--weights", default="none",
                        help=".params (MXNet ImageNet init), .pth, or 'none' (random initialisation)")
     model.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = released network)")
+    model.add_argument("--dropout_scale", type=float, default=1.0,
+                       help="multiplies every dropout probability of the network (1 = released, 0 = no dropout)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch_size", type=int, default=None, help="global batch (split over DDP processes)")
     optim.add_argument("--max_epoches", type=int, default=None, help="epochs; gives max_step = len(list)//batch*epochs")
     optim.add_argument("--max_step", type=int, default=None, help="number of scheduled updates (overrides epochs)")
     optim.add_argument("--lr", type=float, default=None)
+    optim.add_argument("--cls_steps", type=int, default=None,
+                       help="two_phase schedule: updates of phase 1 (classification only); default max_step / 2 as released")
+    optim.add_argument("--seg_lr", type=float, default=SECOND_PHASE_LR,
+                       help="two_phase schedule: base lr of phase 2 (joint RRM training), every group")
     optim.add_argument("--wt_dec", type=float, default=5e-4)
     optim.add_argument("--momentum", type=float, default=None,
                        help="SGD momentum; default: the released quirk (momentum = --wt_dec)")
@@ -127,6 +134,10 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_step is not None and args.max_step < 1:
         raise ValueError(f"--max_step must be >= 1, got {args.max_step}")
+    if args.cls_steps is not None and args.schedule != "two_phase":
+        raise ValueError(f"--cls_steps needs the two_phase schedule (train_from_init.py), not {args.schedule}")
+    if not 0 <= args.dropout_scale <= 1:
+        raise ValueError(f"--dropout_scale must be in [0, 1], got {args.dropout_scale}")
     if args.mining_workers is not None and args.mining_workers < 0:
         raise ValueError(f"--mining_workers must be >= 0, got {args.mining_workers}")
     return args
@@ -225,6 +236,14 @@ class StepResult:
     cpu_timings: dict[str, float] = field(default_factory=dict)
 
 
+def scale_dropout(model: torch.nn.Module, factor: float) -> None:
+    """Multiply the probability of every dropout layer by `factor` (a small model trained from scratch
+    for a few hundred steps learns faster without the released 0.3/0.5 dropouts)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p *= factor
+
+
 class Trainer:
     """Model, optimiser, schedule and loss pieces of one run; `step` makes one update."""
 
@@ -237,9 +256,11 @@ class Trainer:
         model = (model_factory or build_segnet)(args.network, args.width)
         if args.weights != "none" and not args.resume:
             load_weights(model, args.weights)
+        scale_dropout(model, args.dropout_scale)
         model.to(runtime.device)
         self.optimizer = build_optimizer(model.get_parameter_groups(), args.lr, args.wt_dec, args.momentum)
-        self.schedule = LearningRateSchedule(args.schedule, [g["lr"] for g in self.optimizer.param_groups], max_step)
+        self.schedule = LearningRateSchedule(args.schedule, [g["lr"] for g in self.optimizer.param_groups], max_step,
+                                             args.cls_steps, args.seg_lr)
         if runtime.distributed:
             # Phase 1 of train_from_init leaves the seg head without gradients.
             self.model: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(

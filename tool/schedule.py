@@ -29,14 +29,23 @@ def build_optimizer(param_groups: Sequence[Sequence[torch.nn.Parameter]], lr: fl
 class LearningRateSchedule:
     """lr of every group before update t (t = updates already made), or None = leave lrs unchanged."""
 
-    def __init__(self, kind: str, initial_lrs: Sequence[float], max_step: int) -> None:
+    def __init__(self, kind: str, initial_lrs: Sequence[float], max_step: int, cls_steps: float | None = None,
+                 seg_lr: float = SECOND_PHASE_LR) -> None:
+        """two_phase: phase 1 = the first `cls_steps` updates (default max_step / 2, as released), phase 2
+        at base lr `seg_lr` (released 0.0007) for the rest; each phase has its own poly decay."""
         if kind not in SCHEDULES:
             raise ValueError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
         if max_step < 1:
             raise ValueError(f"max_step must be >= 1, got {max_step}")
+        if cls_steps is not None and not 0 < cls_steps < max_step:
+            raise ValueError(f"--cls_steps must be in 1..max_step-1 = {max_step - 1}, got {cls_steps}")
+        if seg_lr <= 0:
+            raise ValueError(f"--seg_lr must be positive, got {seg_lr}")
         self.kind = kind
         self.initial_lrs = list(initial_lrs)
         self.max_step = max_step
+        self.cls_steps = max_step / 2 if cls_steps is None else cls_steps
+        self.seg_lr = seg_lr
 
     def lrs_at(self, t: int) -> list[float] | None:
         if self.kind == "poly":
@@ -44,18 +53,18 @@ class LearningRateSchedule:
                 return None
             factor = (1 - t / self.max_step) ** POLY_POWER
             return [lr * factor for lr in self.initial_lrs]
-        half = self.max_step / 2
-        if t < half:
-            factor = (1 - t / half) ** POLY_POWER
+        phase_1 = self.cls_steps
+        if t < phase_1:
+            factor = (1 - t / phase_1) ** POLY_POWER
             return [lr * factor for lr in self.initial_lrs]
         if t < self.max_step:
-            factor = (1 - (t - half) / (self.max_step - half)) ** POLY_POWER
-            return [SECOND_PHASE_LR * factor] * len(self.initial_lrs)
+            factor = (1 - (t - phase_1) / (self.max_step - phase_1)) ** POLY_POWER
+            return [self.seg_lr * factor] * len(self.initial_lrs)
         return None
 
     def classification_only(self, t: int) -> bool:
-        """train_from_init's phase 1 (logits only) lasts while t - 1 < max_step / 2."""
-        return self.kind == "two_phase" and t - 1 < self.max_step / 2
+        """train_from_init's phase 1 (logits only) lasts while t - 1 < cls_steps (released: max_step / 2)."""
+        return self.kind == "two_phase" and t - 1 < self.cls_steps
 
     def apply(self, optimizer: torch.optim.Optimizer, t: int) -> None:
         lrs = self.lrs_at(t)

@@ -162,6 +162,8 @@ COMPANIONS: dict[str, tuple[str, ...]] = {
 }
 
 OBJECT_COUNT_PROBS = (0.45, 0.35, 0.20)  # 1, 2, 3 objects
+OBJECT_SCALE = (0.22, 0.5)  # range of an object's half-size, in short image sides
+MAX_CLUTTER = 8  # most background clutter shapes per image
 COMPANION_PROB = 0.6
 MIN_OBJECT_AREA = 0.025  # of the image, after truncation and occlusion
 MIN_KEPT_FRACTION = 0.45  # of an object's in-image area that occluders must leave visible
@@ -263,8 +265,9 @@ def _random_colour(rng: np.random.Generator, saturation: tuple[float, float], va
     return hsv_to_rgb(rng.uniform(0, 1), rng.uniform(*saturation), rng.uniform(*value))
 
 
-def render_background(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-    """Gradient + a random texture + 3..8 random clutter shapes, all independent of the classes."""
+def render_background(height: int, width: int, rng: np.random.Generator, max_clutter: int = MAX_CLUTTER) -> np.ndarray:
+    """Gradient + a random texture + min(3, max_clutter)..max_clutter random clutter shapes, all independent
+    of the classes."""
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     u, v = (xs - width / 2) / (min(height, width) / 2), (ys - height / 2) / (min(height, width) / 2)
     first, second = _random_colour(rng, (0.0, 0.5), (0.25, 0.9)), _random_colour(rng, (0.0, 0.5), (0.25, 0.9))
@@ -272,7 +275,7 @@ def render_background(height: int, width: int, rng: np.random.Generator) -> np.n
     image = (first * (1 - ramp) + second * ramp).astype(np.float32)
     pattern = texture_field(str(rng.choice(TEXTURES)), u, v, rng.uniform(1.0, 6.0), rng)[..., None]
     image = image * (1 - 0.25 * pattern) + np.float32(255.0 * 0.25 * rng.uniform(0.3, 0.8)) * pattern
-    for _ in range(int(rng.integers(3, 9))):
+    for _ in range(int(rng.integers(min(3, max_clutter), max_clutter + 1))):
         clutter = np.zeros((height, width), np.uint8)
         centre = rng.uniform(0, 1, 2) * (width, height)
         size = rng.uniform(0.05, 0.3) * min(height, width)
@@ -327,8 +330,8 @@ def _choose_classes(classes: Sequence[str], rng: np.random.Generator) -> list[st
     return chosen
 
 
-def layout_objects(class_names: Sequence[str], height: int, width: int,
-                   rng: np.random.Generator, attempts: int = 25) -> tuple[list[Placement], np.ndarray, list[np.ndarray]]:
+def layout_objects(class_names: Sequence[str], height: int, width: int, rng: np.random.Generator, attempts: int = 25,
+                   object_scale: tuple[float, float] = OBJECT_SCALE) -> tuple[list[Placement], np.ndarray, list[np.ndarray]]:
     """Place objects one over another; a placement is kept when it and every earlier object stay visible.
 
     Returns placements, the instance map (0 = background, k = placement k-1) and accent masks.
@@ -341,7 +344,7 @@ def layout_objects(class_names: Sequence[str], height: int, width: int,
     for class_name in class_names:
         for _ in range(attempts):
             placement = Placement(class_name, (rng.uniform(0, width), rng.uniform(0, height)),
-                                  rng.uniform(0.22, 0.5) * short_side, rng.uniform(-0.6, 0.6),
+                                  rng.uniform(*object_scale) * short_side, rng.uniform(-0.6, 0.6),
                                   float(np.exp(rng.uniform(-0.25, 0.25))), bool(rng.random() < 0.5))
             pad = int(2 * placement.half_size) + 2
             whole_padded, accent_padded = object_masks(placement, height, width, pad)
@@ -397,10 +400,12 @@ class SyntheticSample:
 
 
 def generate_sample(rng: np.random.Generator, classes: Sequence[str], size_min: int, size_max: int,
-                    border_width: int = 3, noise_sigma: float = 4.0) -> SyntheticSample:
+                    border_width: int = 3, noise_sigma: float = 4.0, object_scale: tuple[float, float] = OBJECT_SCALE,
+                    max_clutter: int = MAX_CLUTTER) -> SyntheticSample:
     height, width = (int(v) for v in rng.integers(size_min, size_max + 1, 2))
-    image = render_background(height, width, rng)
-    placements, instances, accents = layout_objects(_choose_classes(list(classes), rng), height, width, rng)
+    image = render_background(height, width, rng, max_clutter)
+    placements, instances, accents = layout_objects(_choose_classes(list(classes), rng), height, width, rng,
+                                                    object_scale=object_scale)
     class_map = np.zeros((height, width), np.uint8)
     objects = []
     label = np.zeros(NUM_CLASSES, np.float32)
@@ -434,7 +439,8 @@ def parse_classes(spec: str | Sequence[str] | None) -> tuple[str, ...]:
 
 def generate_dataset(out: PathLike, num_train: int, num_val: int, seed: int = 0, *, size_min: int = 128,
                      size_max: int = 192, classes: str | Sequence[str] | None = None, border_width: int = 3,
-                     jpeg_quality: int = 92) -> dict[str, int]:
+                     jpeg_quality: int = 92, object_scale: tuple[float, float] = OBJECT_SCALE,
+                     max_clutter: int = MAX_CLUTTER) -> dict[str, int]:
     """Write the synthetic VOC tree under `out`; returns image counts per list."""
     if num_train < 1 or num_val < 1:
         raise ValueError(f"num_train and num_val must be positive, got {num_train} and {num_val}")
@@ -442,6 +448,10 @@ def generate_dataset(out: PathLike, num_train: int, num_val: int, seed: int = 0,
         raise ValueError(f"need 32 <= size_min <= size_max, got size_min={size_min}, size_max={size_max}")
     if border_width < 1 or border_width % 2 == 0:
         raise ValueError(f"border_width must be an odd positive number of pixels, got {border_width}")
+    if not 0 < object_scale[0] <= object_scale[1] <= 1:
+        raise ValueError(f"object_scale must be 0 < min <= max <= 1 (half-size / short side), got {tuple(object_scale)}")
+    if max_clutter < 0:
+        raise ValueError(f"max_clutter must be >= 0, got {max_clutter}")
     class_subset = parse_classes(classes)
     for folder in (IMAGE_DIR, ANNOTATION_DIR, MASK_DIR):
         os.makedirs(os.path.join(out, folder), exist_ok=True)
@@ -453,7 +463,8 @@ def generate_dataset(out: PathLike, num_train: int, num_val: int, seed: int = 0,
             image_id = f"{split}_{index:06d}"
             # one stream per image: an image does not change when the other split's size changes
             rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
-            sample = generate_sample(rng, class_subset, size_min, size_max, border_width)
+            sample = generate_sample(rng, class_subset, size_min, size_max, border_width,
+                                     object_scale=tuple(object_scale), max_clutter=max_clutter)
             Image.fromarray(sample.image).save(os.path.join(out, IMAGE_DIR, image_id + ".jpg"), quality=jpeg_quality)
             write_palette_mask(os.path.join(out, MASK_DIR, image_id + ".png"), sample.mask)
             with open(os.path.join(out, ANNOTATION_DIR, image_id + ".xml"), "wb") as handle:
@@ -479,10 +490,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--classes", default=",".join(DEFAULT_CLASSES),
                         help="comma-separated VOC class names, or 'all' for the 20 classes")
     parser.add_argument("--border_width", type=int, default=3, help="odd width of the 255 band along object borders")
+    parser.add_argument("--object_scale", type=float, nargs=2, default=OBJECT_SCALE, metavar=("MIN", "MAX"),
+                        help="range of an object's half-size as a fraction of the short image side")
+    parser.add_argument("--max_clutter", type=int, default=MAX_CLUTTER, help="most background clutter shapes per image")
     args = parser.parse_args(argv)
     try:
         counts = generate_dataset(args.out, args.num_train, args.num_val, args.seed, size_min=args.size_min,
-                                  size_max=args.size_max, classes=args.classes, border_width=args.border_width)
+                                  size_max=args.size_max, classes=args.classes, border_width=args.border_width,
+                                  object_scale=tuple(args.object_scale), max_clutter=args.max_clutter)
     except ValueError as err:
         parser.error(str(err))
     classes = parse_classes(args.classes)
