@@ -15,23 +15,9 @@ from tool.engine import Trainer, build_parser, finalize_args, mine_pseudo_labels
 from tool.mining import ReliableRegionMiner, mine_reliable_regions
 from tool.train_batches import PositionSeededDataset, StepBatchSampler
 from voc12.data import TrainDatasetScaled
-from voc12.synthetic import generate_dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared by several test suites: OpenMP spinning with 2 threads is far slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def voc_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("voc") / "VOC2012"
-    generate_dataset(root, num_train=6, num_val=1, seed=3, size_min=56, size_max=80)
-    return str(root)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_argv(root, save_dir, *extra):

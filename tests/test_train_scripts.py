@@ -13,7 +13,9 @@ import train_from_cls_weight
 import train_from_init
 from network import build_segnet
 from tool.engine import build_parser, run_training
-from test_engine import one_thread, tiny_argv, voc_root  # noqa: F401  (shared fixtures and helper)
+from test_engine import tiny_argv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_LINE = re.compile(r"^Iter:\s*(\d+)/\s*(\d+) Loss:\d+\.\d{4} imps:\d+\.\d Fin:.+ lr: \d\.\d{4}$")
