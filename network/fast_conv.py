@@ -26,6 +26,13 @@ from torch import nn
 MAX_MOSAIC_GROWTH = 1.75
 # Few output channels leave NNPACK's transforms dominant (e.g. the 21-class heads).
 MIN_OUT_CHANNELS = 32
+# NNPACK runs image by image and wins only on large maps; per image, a call takes the fast path
+# when its map has at least MIN_FAST_AREA pixels or in*out*area reaches MIN_FAST_WORK. Measured on
+# the 2-core AVX2 EPYC (fast/plain time, bench/RESULTS.md): 512->512 at 41x41 0.72, 256->256 at
+# 81x81 0.59, 3->64 at 375x500 0.65 (all taken); 256->256 at 41x41 batch 2 1.1, 128->128 at 32x32
+# batch 8 1.8, 32->32 at 20x20 batch 8 3.0 (all left plain: the small-width demo runs 3x faster).
+MIN_FAST_AREA = 128 * 128
+MIN_FAST_WORK = 2 * 10**8
 
 _fast_path_enabled = True
 
@@ -122,7 +129,8 @@ class FastConv2d(nn.Conv2d):
 
     def uses_fast_path(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether this call takes the NNPACK path (CPU float32, no autocast, a 3x3 stride-1
-        zero-padded conv with padding == dilation, enough output channels, small mosaic growth)."""
+        zero-padded conv with padding == dilation, enough output channels, enough work per image
+        (MIN_FAST_AREA, MIN_FAST_WORK), small mosaic growth)."""
         dilation = self.dilation[0]
         if not (_fast_path_enabled and x.device.type == "cpu" and x.dim() == 4
                 and x.dtype == torch.float32 and weight.dtype == torch.float32
@@ -130,6 +138,9 @@ class FastConv2d(nn.Conv2d):
                 and self.padding_mode == "zeros" and self.dilation == (dilation, dilation)
                 and self.padding == self.dilation and self.out_channels >= MIN_OUT_CHANNELS
                 and not torch.is_autocast_enabled("cpu")):
+            return False
+        area = x.shape[2] * x.shape[3]
+        if area < MIN_FAST_AREA and self.in_channels * self.out_channels * area < MIN_FAST_WORK:
             return False
         if mosaic_growth(x.shape[2], x.shape[3], dilation) > MAX_MOSAIC_GROWTH:
             return False

@@ -24,6 +24,12 @@ def check_width(width: float) -> float:
     return float(width)
 
 
+def add_residual(residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """residual + shortcut, in place when no graph is recorded (a fast conv's output may be a view,
+    which autograd forbids modifying in place)."""
+    return residual.add_(shortcut) if not torch.is_grad_enabled() else residual + shortcut
+
+
 class ResBlock(nn.Module):
     """Pre-activation basic block: two 3x3 convs, projection shortcut when the shape changes."""
 
@@ -44,11 +50,12 @@ class ResBlock(nn.Module):
 
     def forward_with_tap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block output and the bn-relu of its input (the feature tap)."""
-        activated = F.relu(self.bn_branch2a(x))
+        # In-place ReLUs: the BN backward needs its input only, and the copies cost time.
+        activated = F.relu(self.bn_branch2a(x), inplace=True)
         # The identity shortcut is x itself; the projection sees the activated input.
         shortcut = x if self.same_shape else self.conv_branch1(activated)
-        residual = self.conv_branch2b1(F.relu(self.bn_branch2b1(self.conv_branch2a(activated))))
-        return shortcut + residual, activated
+        residual = self.conv_branch2b1(F.relu(self.bn_branch2b1(self.conv_branch2a(activated)), inplace=True))
+        return add_residual(residual, shortcut), activated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_tap(x)[0]
@@ -75,12 +82,12 @@ class ResBlock_bot(nn.Module):
 
     def forward_with_tap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block output and the bn-relu of its input (the feature tap)."""
-        activated = F.relu(self.bn_branch2a(x))
+        activated = F.relu(self.bn_branch2a(x), inplace=True)
         shortcut = self.conv_branch1(activated)
         y = self.conv_branch2a(activated)
-        y = self.conv_branch2b1(self.dropout_2b1(F.relu(self.bn_branch2b1(y))))
-        y = self.conv_branch2b2(self.dropout_2b2(F.relu(self.bn_branch2b2(y))))
-        return shortcut + y, activated
+        y = self.conv_branch2b1(self.dropout_2b1(F.relu(self.bn_branch2b1(y), inplace=True)))
+        y = self.conv_branch2b2(self.dropout_2b2(F.relu(self.bn_branch2b2(y), inplace=True)))
+        return add_residual(y, shortcut), activated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_tap(x)[0]
@@ -90,7 +97,8 @@ class Net(nn.Module):
     """ResNet-38 backbone; `forward` gives conv6 (4096*width channels at 1/8 resolution).
 
     Every BatchNorm uses its running statistics and has frozen affine parameters, also after
-    `.train()`. conv1a is frozen too unless a subclass sets `freeze_conv1a = False`.
+    `.train()` (unless `set_batchnorm_training(True)`). conv1a is frozen too unless a subclass sets
+    `freeze_conv1a = False`.
     """
 
     freeze_conv1a: bool = True
@@ -98,6 +106,7 @@ class Net(nn.Module):
     def __init__(self, width: float = 1.0) -> None:
         super().__init__()
         self.width = check_width(width)
+        self.batchnorm_frozen = True
         c64, c128, c256, c512, c1024 = (scale_channels(c, width) for c in (64, 128, 256, 512, 1024))
         c2048 = scale_channels(2048, width, multiple=4)
         self.out_channels = scale_channels(4096, width, multiple=4)
@@ -131,11 +140,24 @@ class Net(nn.Module):
     def _freeze(self) -> None:
         if self.freeze_conv1a:
             self.conv1a.weight.requires_grad_(False)
+        if not self.batchnorm_frozen:
+            return
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.eval()
                 module.weight.requires_grad_(False)
                 module.bias.requires_grad_(False)
+
+    def set_batchnorm_training(self, enabled: bool) -> None:
+        """enabled: the BatchNorms normalise with batch statistics in train mode (updating their
+        running ones) and learn their affine parameters, for training from random weights (not
+        released: the released networks keep them frozen, the default)."""
+        self.batchnorm_frozen = not enabled
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.requires_grad_(enabled)
+                module.bias.requires_grad_(enabled)
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> "Net":
         super().train(mode)
@@ -151,7 +173,7 @@ class Net(nn.Module):
         x, conv4 = self.b5.forward_with_tap(x)
         x = self.b5_2(self.b5_1(x))
         x, conv5 = self.b6.forward_with_tap(x)
-        conv6 = F.relu(self.bn7(self.b7(x)))
+        conv6 = F.relu(self.bn7(self.b7(x)), inplace=True)
         return {"conv4": conv4, "conv5": conv5, "conv6": conv6}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -72,10 +72,13 @@ class Net(resnet38d.Net):
         return self.fc8_seg_conv2(F.relu(self.fc8_seg_conv1(features)))
 
     def get_parameter_groups(self) -> tuple[list, list, list, list]:
-        """(pretrained weights, pretrained biases, from-scratch weights, from-scratch biases)."""
+        """(pretrained weights, pretrained biases, from-scratch weights, from-scratch biases); trainable
+        BatchNorm parameters (`set_batchnorm_training`) join the pretrained biases (no weight decay)."""
         scratch = {id(getattr(self, name)) for name in self.from_scratch_names}
         groups: tuple[list, list, list, list] = ([], [], [], [])
         for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                groups[1].extend(p for p in (module.weight, module.bias) if p.requires_grad)
             if not isinstance(module, nn.Conv2d):
                 continue
             offset = 2 if id(module) in scratch else 0

@@ -213,3 +213,24 @@ def test_cls_steps_seg_lr_and_dropout_scale_reach_the_trainer(voc_root, tmp_path
         finalize_args(tiny_args(train_from_init, voc_root, tmp_path, "--max_step", "2", "--dropout_scale", "2"))
     with pytest.raises(ValueError, match="--cls_steps needs the two_phase schedule"):
         finalize_args(tiny_args(train_from_cls_weight, voc_root, tmp_path, "--max_step", "2", "--cls_steps", "1"))
+
+
+def test_adam_and_trainable_batchnorm_flags_reach_the_trainer_and_the_resume_check(voc_root, tmp_path):
+    args = finalize_args(tiny_args(train_from_init, voc_root, tmp_path, "--max_step", "2", "--optimizer", "adam",
+                                   "--train_bn", "--lr", "0.001", "--session_name", "adam_"))
+    trainer = Trainer(args, setup_runtime(args), max_step=2)
+    trainer.close()
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    batchnorms = [m for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.training and m.weight.requires_grad for m in batchnorms)
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(id(m.weight) in optimized and id(m.bias) in optimized for m in batchnorms)
+    released = Trainer(finalize_args(tiny_args(train_from_init, voc_root, tmp_path, "--max_step", "2")),
+                       setup_runtime(args), max_step=2)
+    released.close()
+    assert type(released.optimizer) is torch.optim.SGD
+    assert all(not m.training for m in released.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    result = run_training(args, stop_after=1)
+    with pytest.raises(ValueError, match="optimizer: checkpoint 'adam' vs now 'sgd'; train_bn: checkpoint True vs now False"):
+        run_training(tiny_args(train_from_init, voc_root, tmp_path, "--max_step", "2", "--lr", "0.001",
+                               "--session_name", "adam_", "--resume", result.resume_checkpoint))

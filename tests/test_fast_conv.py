@@ -13,6 +13,26 @@ WIDTH = 0.125  # smallest width at which most 3x3 layers have >= MIN_OUT_CHANNEL
 pytestmark = pytest.mark.skipif(not fast_conv.nnpack_available(), reason="NNPACK is not built into this torch")
 
 
+@pytest.fixture(autouse=True)
+def fast_path_on_small_inputs(monkeypatch):
+    """The numerical checks run on small maps, which the size thresholds would leave plain."""
+    monkeypatch.setattr(fast_conv, "MIN_FAST_AREA", 0)
+    monkeypatch.setattr(fast_conv, "MIN_FAST_WORK", 0)
+
+
+def test_fast_path_needs_a_large_map_or_enough_work(monkeypatch):
+    monkeypatch.setattr(fast_conv, "MIN_FAST_AREA", 128 * 128)
+    monkeypatch.setattr(fast_conv, "MIN_FAST_WORK", 2 * 10**8)
+    conv1a = FastConv2d(3, 64, 3, padding=1, bias=False)
+    assert conv1a.uses_fast_path(torch.empty(1, 3, 128, 128), conv1a.weight)  # area 16384: taken
+    assert not conv1a.uses_fast_path(torch.empty(8, 3, 127, 128), conv1a.weight)  # per image, not per batch
+    wide = FastConv2d(512, 512, 3, padding=1, bias=False)
+    assert wide.uses_fast_path(torch.empty(1, 512, 28, 28), wide.weight)  # 512*512*784 = 205.5M >= 200M
+    assert not wide.uses_fast_path(torch.empty(1, 512, 27, 28), wide.weight)  # 198.2M
+    narrow = FastConv2d(64, 64, 3, padding=1)
+    assert not narrow.uses_fast_path(torch.empty(8, 64, 80, 80), narrow.weight)  # 26.2M at 6400 px
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 

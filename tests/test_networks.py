@@ -298,6 +298,31 @@ def test_batchnorm_frozen_and_dropout_follows_mode():
                        model(x, require_seg=False, require_mcam=False))
 
 
+@pytest.mark.parametrize("cls", [rrm.SegNet, rrm_attention.SegNet])
+def test_batchnorm_training_option_learns_and_updates_statistics(cls):
+    torch.manual_seed(5)
+    model = cls(width=SMALL)
+    model.set_batchnorm_training(True)
+    model.train()
+    batchnorms = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert all(m.training and m.weight.requires_grad and m.bias.requires_grad for m in batchnorms.values())
+    bn_parameters = sorted(f"{name}.{kind}" for name in batchnorms for kind in ("weight", "bias"))
+    groups = [names_of(model, group) for group in model.get_parameter_groups()]
+    assert sorted(set(groups[1]) & set(bn_parameters)) == bn_parameters  # no decay, as biases
+    assert not set(bn_parameters) & set(groups[0] + groups[2] + groups[3])
+    outputs = []
+    hook = batchnorms["bn7"].register_forward_hook(lambda module, inputs, output: outputs.append(output.clone()))
+    model(torch.randn(2, 3, 33, 33), require_seg=False, require_mcam=False)
+    hook.remove()
+    # Batch statistics (weight 1, bias 0 at init): every channel of the output has mean 0, variance 1.
+    assert outputs[0].mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert torch.allclose(outputs[0].var(dim=(0, 2, 3), unbiased=False), torch.ones(model.out_channels), rtol=1e-3)
+    assert not torch.equal(batchnorms["bn7"].running_mean, torch.zeros_like(batchnorms["bn7"].running_mean))
+    model.set_batchnorm_training(False)
+    assert all(not m.training and not m.weight.requires_grad for m in batchnorms.values())
+    assert not set(bn_parameters) & {n for group in model.get_parameter_groups() for n in names_of(model, group)}
+
+
 def test_conv1a_trainable_in_rrm_but_frozen_in_backbone():
     assert rrm.SegNet(width=SMALL).train().conv1a.weight.requires_grad
     assert rrm_attention.SegNet(width=SMALL).train().conv1a.weight.requires_grad

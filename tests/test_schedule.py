@@ -39,6 +39,25 @@ def test_optimizer_update_matches_hand_computed_sgd_with_quirk_momentum():
     assert (before - params[1][0].detach()).tolist() == pytest.approx([0.2 * (0.5 * 2 + 2)] * 2)
 
 
+def test_adam_option_matches_hand_computed_adamw_step():
+    params = _groups()
+    optimizer = build_optimizer(params, lr=0.1, weight_decay=0.5, kind="adam")
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1, 0.2, 1.0, 2.0])
+    for group_params, grad in zip(params, (2.0, -3.0, 2.0, 0.5)):
+        group_params[0].grad = torch.full((2,), grad)
+    optimizer.step()
+    # First AdamW step: w * (1 - lr*wd) - lr * g / (|g| + eps), bias corrections cancel.
+    expected = [1 * (1 - 0.1 * 0.5) - 0.1, 1 + 0.2, 1 * (1 - 1.0 * 0.5) - 1.0, 1 - 2.0]
+    for group_params, value in zip(params, expected):
+        assert group_params[0].detach().tolist() == pytest.approx([value] * 2, abs=1e-6)
+
+
+def test_unknown_optimizer_is_an_error():
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'; valid: sgd, adam"):
+        build_optimizer(_groups(), lr=0.1, weight_decay=0.0, kind="rmsprop")
+
+
 def test_wrong_number_of_groups_is_an_error():
     with pytest.raises(ValueError, match="4 parameter groups"):
         build_optimizer(_groups()[:3], lr=0.1, weight_decay=0.0)

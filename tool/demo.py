@@ -26,26 +26,24 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
-
-import numpy as np
-import torch
-from torch import nn
+from typing import Any, Sequence
 
 import train_from_init
-from network import build_segnet
 from tool.engine import build_parser as build_training_parser
 from tool.engine import run_training
 from tool.inference import evaluate_cam, load_model, run_inference
 from tool.visualize import write_panels
-from voc12.data import EvalDataset, TrainDatasetInit
+from voc12.data import EvalDataset
 from voc12.lists import IMAGE_DIR, MASK_DIR, default_cls_labels_path, default_list_path, read_id_list
 from voc12.synthetic import MAX_CLUTTER, OBJECT_SCALE, generate_dataset, parse_classes
 
 # Larger objects and less clutter than the generator's defaults: a from-scratch model of width
 # 0.125 learns them within the demo's few hundred updates.
-DEMO_OBJECT_SCALE = (0.35, 0.6)
-DEMO_MAX_CLUTTER = 3
+DEMO_CLASSES = "person,bus,train"
+DEMO_OBJECT_SCALE = (0.25, 0.45)
+DEMO_MAX_CLUTTER = 0
+DEMO_OPTIMIZER = "adam"
+DEMO_DENSE_ENERGY_WEIGHT = 1.6e-5
 DATA_STAMP = "demo_data.json"  # the generation options of <out>/data, to know when to regenerate
 RESULT_KEYS = ("cam_miou", "rrm_miou", "rrm_crf_miou")
 
@@ -58,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num_val", type=int, default=60)
     data.add_argument("--size_min", type=int, default=64, help="smallest image side")
     data.add_argument("--size_max", type=int, default=80, help="largest image side")
-    data.add_argument("--classes", default="bird,person,tvmonitor", help="VOC class names of the objects")
+    data.add_argument("--classes", default=DEMO_CLASSES, help="VOC class names of the objects")
     data.add_argument("--object_scale", type=float, nargs=2, default=DEMO_OBJECT_SCALE, metavar=("MIN", "MAX"),
                       help=f"range of an object's half-size, fraction of the short image side "
                            f"(generator default {OBJECT_SCALE[0]} {OBJECT_SCALE[1]})")
@@ -71,14 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dropout_scale", type=float, default=0.0,
                        help="multiplies the network's dropout probabilities (1 = released; 0: off, learns faster)")
     train.add_argument("--batch_size", type=int, default=8)
-    train.add_argument("--max_step", type=int, default=700, help="updates of both phases")
-    train.add_argument("--cls_steps", type=int, default=600,
+    train.add_argument("--max_step", type=int, default=1450, help="updates of both phases")
+    train.add_argument("--cls_steps", type=int, default=1200,
                        help="updates of phase 1 (classification only; released: max_step / 2); a joint update "
                             "costs ~6 classification updates, and CAMs need a trained classifier")
-    train.add_argument("--lr", type=float, default=0.01)
-    train.add_argument("--seg_lr", type=float, default=0.002,
-                       help="base lr of phase 2 (released 0.0007; 0.002 scored best of 0.0007/0.002/0.005 here)")
+    train.add_argument("--lr", type=float, default=0.001)
+    train.add_argument("--seg_lr", type=float, default=0.0002, help="base lr of phase 2 (released 0.0007 with SGD)")
+    train.add_argument("--optimizer", choices=("sgd", "adam"), default=DEMO_OPTIMIZER,
+                       help="adam: AdamW (a random-init classifier learns several times faster); sgd: released")
     train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (released quirk: = weight decay)")
+    train.add_argument("--densecrfloss", type=float, default=DEMO_DENSE_ENERGY_WEIGHT,
+                       help="dense energy weight (released 1e-7 at crop 321; the energy sums over pixel pairs, "
+                            "~160x fewer at crop 80, so the demo scales the weight by that)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--num_workers", type=int, default=1, help="DataLoader processes")
     train.add_argument("--mining_workers", type=int, default=None, help="mining processes (default: cores)")
@@ -112,57 +114,21 @@ def ensure_dataset(root: str, options: dict[str, Any]) -> bool:
 
 def training_argv(args: argparse.Namespace, data_root: str, run_dir: str) -> list[str]:
     """train_from_init.py flags of the demo run: random init, small width and crop, CPU."""
-    argv = ["--voc12_root", data_root, "--weights", "none", "--width", str(args.width),
+    argv = ["--voc12_root", data_root, "--weights", "none", "--width", str(args.width), "--train_bn",
             "--dropout_scale", str(args.dropout_scale),
             "--crop_size", str(args.crop_size), "--batch_size", str(args.batch_size), "--max_step", str(args.max_step),
             "--cls_steps", str(args.cls_steps),
-            "--lr", str(args.lr), "--seg_lr", str(args.seg_lr), "--momentum", str(args.momentum), "--seed", str(args.seed),
+            "--lr", str(args.lr), "--seg_lr", str(args.seg_lr), "--optimizer", args.optimizer,
+            "--densecrfloss", str(args.densecrfloss),
+            "--momentum", str(args.momentum), "--seed", str(args.seed),
             "--num_workers", str(args.num_workers), "--device", "cpu", "--save_dir", run_dir,
             "--session_name", "demo_", "--log_every", str(max(1, args.max_step // 10)),
             "--save_every", str(args.max_step)]
     if args.mining_workers is not None:
         argv += ["--mining_workers", str(args.mining_workers)]
+    if args.no_progress:
+        argv.append("--no_progress")
     return argv
-
-
-@torch.no_grad()
-def calibrate_frozen_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
-    """Set every BatchNorm's running mean/var to the statistics of its input on `images`.
-
-    The BatchNorms of ResNet-38 stay frozen in training (SPEC §2); with a random initialisation
-    their default statistics (0, 1) let the signal fade layer after layer (conv6 ~1e-3) and
-    nothing learns. Statistics measured on real crops, each layer in turn, make every frozen
-    BatchNorm a true normaliser at the start: a data-dependent initialisation, nothing else changes.
-    """
-    batchnorms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
-
-    def set_statistics(module: nn.BatchNorm2d, inputs: tuple[torch.Tensor]) -> None:
-        module.running_mean.copy_(inputs[0].mean(dim=(0, 2, 3)))
-        module.running_var.copy_(inputs[0].var(dim=(0, 2, 3)))
-
-    hooks = [module.register_forward_pre_hook(set_statistics) for module in batchnorms]
-    was_training = model.training
-    model.eval()  # no dropout while measuring
-    try:
-        model(images, require_seg=True, require_mcam=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-
-
-def calibrated_model_factory(data_root: str, crop_size: int, batch_size: int,
-                             seed: int) -> Callable[[str, float], nn.Module]:
-    """A `run_training` model factory: a fresh SegNet whose frozen BatchNorms are calibrated on one
-    batch of training crops (train_from_init augmentation) of randomly drawn images."""
-    def factory(network_name: str, width: float) -> nn.Module:
-        model = build_segnet(network_name, width)
-        dataset = TrainDatasetInit(data_root, None, None, crop_size, seed=seed)
-        chosen = np.random.default_rng(seed).choice(len(dataset), min(batch_size, len(dataset)), replace=False)
-        images = torch.stack([torch.as_tensor(dataset[int(index)]["image"]) for index in chosen])
-        calibrate_frozen_batchnorm(model, images)
-        return model
-    return factory
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -189,8 +155,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = os.path.join(args.out, "run")
     training_args = build_training_parser(train_from_init.DEFAULTS, train_from_init.__doc__).parse_args(
         training_argv(args, data_root, run_dir))
-    factory = calibrated_model_factory(data_root, args.crop_size, args.batch_size, args.seed)
-    trained = run_training(training_args, model_factory=factory)
+    trained = run_training(training_args)
     train_seconds = time.perf_counter() - start - data_seconds
 
     print("[3/4] evaluating on the synthetic val set", flush=True)

@@ -29,7 +29,7 @@ from tool.dense_energy import DenseEnergyLoss
 from tool.device import add_device_arguments, autocast_context, pick_device, resolve_amp
 from tool.losses import classification_loss, joint_loss
 from tool.mining import ReliableRegionMiner, normalise_cam
-from tool.schedule import SECOND_PHASE_LR, LearningRateSchedule, build_optimizer
+from tool.schedule import OPTIMIZERS, SECOND_PHASE_LR, LearningRateSchedule, build_optimizer
 from tool.train_batches import PositionSeededDataset, StepBatchSampler
 from tool.weights import load_weights
 from voc12.data import TrainDatasetInit, TrainDatasetScaled
@@ -40,7 +40,9 @@ WEIGHTS_EVERY = 2000
 WEIGHTS_AFTER = 10000
 # What a resumed run must share with the run that wrote the checkpoint.
 RESUME_MUST_MATCH = ("network", "width", "batch_size", "max_step", "seed", "schedule", "crop_size", "train_list",
-                     "cls_steps", "seg_lr")
+                     "cls_steps", "seg_lr", "optimizer", "train_bn")
+# What checkpoints written before a key existed ran with.
+RESUME_KEY_DEFAULTS = {"optimizer": "sgd", "train_bn": False}
 
 ModelFactory = Callable[[str, float], torch.nn.Module]
 
@@ -71,6 +73,9 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
     model.add_argument("--weights", default="none",
                        help=".params (MXNet ImageNet init), .pth, or 'none' (random initialisation)")
     model.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = released network)")
+    model.add_argument("--train_bn", action="store_true",
+                       help="BatchNorms learn (batch statistics, trainable affine) instead of staying frozen as "
+                            "released: for training from random weights")
     model.add_argument("--dropout_scale", type=float, default=1.0,
                        help="multiplies every dropout probability of the network (1 = released, 0 = no dropout)")
 
@@ -84,6 +89,9 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
     optim.add_argument("--seg_lr", type=float, default=SECOND_PHASE_LR,
                        help="two_phase schedule: base lr of phase 2 (joint RRM training), every group")
     optim.add_argument("--wt_dec", type=float, default=5e-4)
+    optim.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                       help="sgd (released) or adam (AdamW, same groups and lrs; not released: trains a "
+                            "randomly initialised network several times faster)")
     optim.add_argument("--momentum", type=float, default=None,
                        help="SGD momentum; default: the released quirk (momentum = --wt_dec)")
     optim.add_argument("--densecrfloss", type=float, default=1e-7, help="dense energy loss weight (0 = off)")
@@ -103,6 +111,7 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
     output.add_argument("--save_dir", "--SAVEpath", dest="save_dir", default="runs")
     output.add_argument("--save_every", type=int, default=1000, help="resume checkpoint every N steps (and at the end)")
     output.add_argument("--log_every", type=int, default=50)
+    output.add_argument("--no_progress", action="store_true", help="no tqdm bar (the log lines stay)")
     output.add_argument("--resume", default=None, help="resume checkpoint <save_dir>/<session>resume.pt to continue")
 
     parser.set_defaults(**script_defaults)
@@ -257,8 +266,11 @@ class Trainer:
         if args.weights != "none" and not args.resume:
             load_weights(model, args.weights)
         scale_dropout(model, args.dropout_scale)
+        if args.train_bn:
+            model.set_batchnorm_training(True)
         model.to(runtime.device)
-        self.optimizer = build_optimizer(model.get_parameter_groups(), args.lr, args.wt_dec, args.momentum)
+        self.optimizer = build_optimizer(model.get_parameter_groups(), args.lr, args.wt_dec, args.momentum,
+                                         args.optimizer)
         self.schedule = LearningRateSchedule(args.schedule, [g["lr"] for g in self.optimizer.param_groups], max_step,
                                              args.cls_steps, args.seg_lr)
         if runtime.distributed:
@@ -356,7 +368,8 @@ class RunLog:
         self.losses: list[float] = []
         self.start_time = time.time()
         self.start_step = start_step
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not enabled or args.no_progress,
+                        dynamic_ncols=True)
         if enabled:
             os.makedirs(args.save_dir, exist_ok=True)
             self.text = open(os.path.join(args.save_dir, f"{args.session_name}.log"), "a")
@@ -434,7 +447,7 @@ def _restore(trainer: Trainer, args: argparse.Namespace, runtime: Runtime, max_s
     saved = checkpoint["run_config"]
     expected = _run_config(args, max_step)
     different = [f"{key}: checkpoint {saved.get(key)!r} vs now {value!r}"
-                 for key, value in expected.items() if saved.get(key) != value]
+                 for key, value in expected.items() if saved.get(key, RESUME_KEY_DEFAULTS.get(key)) != value]
     if different:
         raise ValueError(f"--resume {args.resume} was written by a different run: " + "; ".join(different))
     unwrap_model(trainer.model).load_state_dict(checkpoint["model"])

@@ -152,10 +152,15 @@ class ReliableRegionMiner:
         if self._pool is None:
             results = [mine_reliable_regions(*item) for item in zip(images, labels, norm_cams)]
         else:
-            # Only the present classes' maps travel to the workers.
+            # Only the present classes' maps travel to the workers. Longest jobs first (a CRF's time
+            # grows with its labels), so no worker is left with a long image at the end.
             jobs = [(image, label, np.flatnonzero(label > 1e-5), norm_cam[label > 1e-5])
                     for image, label, norm_cam in zip(images, labels, norm_cams)]
-            results = self._pool.starmap(_mine_packed, jobs, chunksize=1)
+            order = sorted(range(len(jobs)), key=lambda index: -jobs[index][2].size)
+            mined = self._pool.starmap(_mine_packed, [jobs[index] for index in order], chunksize=1)
+            results = [None] * len(jobs)
+            for index, label_map in zip(order, mined):
+                results[index] = label_map
         return np.stack(results) if results else np.zeros((0,) + images.shape[1:3], dtype=np.int64)
 
     def close(self) -> None:

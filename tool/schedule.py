@@ -10,19 +10,27 @@ POLY_POWER = 0.9
 SECOND_PHASE_LR = 0.0007
 GROUP_LR_MULTIPLIERS = (1.0, 2.0, 10.0, 20.0)
 SCHEDULES = ("poly", "two_phase")
+OPTIMIZERS = ("sgd", "adam")
 
 
 def build_optimizer(param_groups: Sequence[Sequence[torch.nn.Parameter]], lr: float,
-                    weight_decay: float, momentum: float | None = None) -> torch.optim.SGD:
+                    weight_decay: float, momentum: float | None = None,
+                    kind: str = "sgd") -> torch.optim.Optimizer:
     """SGD over the 4 groups (pretrained w/b, from-scratch w/b): lr x1,x2,x10,x20, wd (wd,0,wd,0).
 
     momentum=None reproduces the released quirk: the weight-decay value lands in SGD's momentum slot.
+    kind="adam": AdamW over the same groups, lrs and (decoupled) decays instead (not released: it
+    trains a randomly initialised classifier several times faster, see tool/demo.py).
     """
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}; valid: {', '.join(OPTIMIZERS)}")
     if len(param_groups) != 4:
         raise ValueError(f"expected 4 parameter groups (SPEC §3), got {len(param_groups)}")
     decays = (weight_decay, 0.0, weight_decay, 0.0)
     groups = [{"params": list(params), "lr": lr * mult, "weight_decay": decay}
               for params, mult, decay in zip(param_groups, GROUP_LR_MULTIPLIERS, decays)]
+    if kind == "adam":
+        return torch.optim.AdamW(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=weight_decay if momentum is None else momentum)
 
 
