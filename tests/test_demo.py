@@ -76,7 +76,7 @@ def test_phase_and_data_flags_reach_the_engine_and_the_generator():
 
 @pytest.mark.parametrize("flags, message", [(["--num_panels", "5", "--num_val", "3"], "--num_panels 5 exceeds"),
                                             (["--max_step", "0"], "--max_step must be >= 1"),
-                                            (["--max_step", "50"], "--cls_steps 1200 must be in 1..max_step-1 (49)")])
+                                            (["--max_step", "50"], "--cls_steps 800 must be in 1..max_step-1 (49)")])
 def test_bad_flags_are_named(flags, message, capsys):
     with pytest.raises(SystemExit):
         demo.main(flags)
