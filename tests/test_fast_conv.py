@@ -13,6 +13,9 @@ WIDTH = 0.125  # smallest width at which most 3x3 layers have >= MIN_OUT_CHANNEL
 pytestmark = pytest.mark.skipif(not fast_conv.nnpack_available(), reason="NNPACK is not built into this torch")
 
 
+PRODUCTION_THRESHOLDS = (fast_conv.MIN_FAST_AREA, fast_conv.MIN_FAST_WORK)  # before any fixture patches them
+
+
 @pytest.fixture(autouse=True)
 def fast_path_on_small_inputs(monkeypatch):
     """The numerical checks run on small maps, which the size thresholds would leave plain."""
@@ -181,3 +184,11 @@ def test_training_gradients_equal_plain_path():
     assert fast.keys() == plain.keys() and "b4_1.conv_branch2a.weight" in fast
     for name in plain:
         assert relative_error(fast[name], plain[name]) < 1e-3, name
+
+
+def test_small_width_training_runs_plain_convolutions(monkeypatch):
+    # The demo's size (width 0.125, crop 80, batch 8), where NNPACK was 3x slower than oneDNN.
+    monkeypatch.setattr(fast_conv, "MIN_FAST_AREA", PRODUCTION_THRESHOLDS[0])
+    monkeypatch.setattr(fast_conv, "MIN_FAST_WORK", PRODUCTION_THRESHOLDS[1])
+    model = rrm.SegNet(width=0.125).train()
+    assert fast_layer_names(model, lambda: model(torch.randn(8, 3, 80, 80))) == []
