@@ -140,23 +140,18 @@ class Net(nn.Module):
     def _freeze(self) -> None:
         if self.freeze_conv1a:
             self.conv1a.weight.requires_grad_(False)
-        if not self.batchnorm_frozen:
-            return
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d):
-                module.eval()
-                module.weight.requires_grad_(False)
-                module.bias.requires_grad_(False)
+                module.weight.requires_grad_(not self.batchnorm_frozen)
+                module.bias.requires_grad_(not self.batchnorm_frozen)
+                if self.batchnorm_frozen:
+                    module.eval()
 
     def set_batchnorm_training(self, enabled: bool) -> None:
         """enabled: the BatchNorms normalise with batch statistics in train mode (updating their
         running ones) and learn their affine parameters, for training from random weights (not
         released: the released networks keep them frozen, the default)."""
         self.batchnorm_frozen = not enabled
-        for module in self.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.requires_grad_(enabled)
-                module.bias.requires_grad_(enabled)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "Net":

@@ -41,8 +41,6 @@ WEIGHTS_AFTER = 10000
 # What a resumed run must share with the run that wrote the checkpoint.
 RESUME_MUST_MATCH = ("network", "width", "batch_size", "max_step", "seed", "schedule", "crop_size", "train_list",
                      "cls_steps", "seg_lr", "optimizer", "train_bn")
-# What checkpoints written before a key existed ran with.
-RESUME_KEY_DEFAULTS = {"optimizer": "sgd", "train_bn": False}
 
 ModelFactory = Callable[[str, float], torch.nn.Module]
 
@@ -446,8 +444,10 @@ def _restore(trainer: Trainer, args: argparse.Namespace, runtime: Runtime, max_s
     checkpoint = load_resume_checkpoint(args.resume)
     saved = checkpoint["run_config"]
     expected = _run_config(args, max_step)
+    # A key a checkpoint lacks was written before its flag existed: that run had the flag's default.
+    flag_defaults = build_parser({})
     different = [f"{key}: checkpoint {saved.get(key)!r} vs now {value!r}"
-                 for key, value in expected.items() if saved.get(key, RESUME_KEY_DEFAULTS.get(key)) != value]
+                 for key, value in expected.items() if saved.get(key, flag_defaults.get_default(key)) != value]
     if different:
         raise ValueError(f"--resume {args.resume} was written by a different run: " + "; ".join(different))
     unwrap_model(trainer.model).load_state_dict(checkpoint["model"])
