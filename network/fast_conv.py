@@ -62,11 +62,28 @@ def plain_convolution() -> Iterator[None]:
 
 def mosaic_growth(height: int, width: int, dilation: int) -> float:
     """Area of the sub-grid mosaic of a (height, width) map relative to the map itself."""
-    if dilation == 1:
-        return 1.0
-    rows = dilation * (-(-height // dilation) + 1)
-    cols = dilation * (-(-width // dilation) + 1)
-    return rows * cols / (height * width)
+    return (height + dilation - 1) * (width + dilation - 1) / (height * width)
+
+
+@functools.lru_cache(maxsize=64)
+def mosaic_indices(height: int, width: int, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat pixel indices (gather, scatter) of the mosaic of a (height, width) map: gather[m] is
+    the map pixel at mosaic pixel m (height*width, one past the map, for a separator), scatter[p]
+    the mosaic pixel of map pixel p. Along each side, sub-grid r (positions r, r+d, ...) follows
+    sub-grid r-1 after one separator, so the mosaic is (height+d-1, width+d-1)."""
+    def side(size: int) -> torch.Tensor:
+        order: list[int] = []
+        for offset in range(dilation):
+            order.extend(([-1] if offset else []) + list(range(offset, size, dilation)))
+        return torch.tensor(order)
+
+    rows, cols = side(height), side(width)
+    separator = (rows[:, None] < 0) | (cols[None, :] < 0)
+    gather = torch.where(separator, height * width, rows[:, None] * width + cols[None, :]).flatten()
+    inside = ~separator.flatten()
+    scatter = torch.empty(height * width, dtype=torch.long)
+    scatter[gather[inside]] = torch.nonzero(inside).flatten()
+    return gather, scatter
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -79,15 +96,13 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     d = dilation
     batch, channels, height, width = x.shape
-    sub_h, sub_w = -(-height // d), -(-width // d)
-    # Zero-fill to (sub+1)*d per side: the extra row/column of every sub-grid is its separator.
-    padded = F.pad(x, (0, d * (sub_w + 1) - width, 0, d * (sub_h + 1) - height))
-    mosaic = padded.view(batch, channels, sub_h + 1, d, sub_w + 1, d).permute(0, 1, 3, 2, 5, 4)
-    out = winograd_conv3x3(mosaic.reshape(batch, channels, d * (sub_h + 1), d * (sub_w + 1)),
-                           weight, bias, 1)
+    gather, scatter = mosaic_indices(height, width, d)
+    # One zero appended to every channel is what the separators read.
+    flat = F.pad(x.reshape(batch * channels, height * width), (0, 1))
+    mosaic = flat.index_select(1, gather).view(batch, channels, height + d - 1, width + d - 1)
+    out = winograd_conv3x3(mosaic, weight, bias, 1)
     out_channels = out.shape[1]
-    out = out.view(batch, out_channels, d, sub_h + 1, d, sub_w + 1).permute(0, 1, 3, 2, 5, 4)
-    return out.reshape(batch, out_channels, (sub_h + 1) * d, (sub_w + 1) * d)[:, :, :height, :width]
+    return out.view(batch * out_channels, -1).index_select(1, scatter).view(batch, out_channels, height, width)
 
 
 class WinogradConv3x3Function(torch.autograd.Function):

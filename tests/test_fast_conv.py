@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from network import fast_conv, rrm, rrm_attention
-from network.fast_conv import FastConv2d, mosaic_growth, plain_convolution, winograd_conv3x3
+from network.fast_conv import FastConv2d, mosaic_growth, mosaic_indices, plain_convolution, winograd_conv3x3
 
 WIDTH = 0.125  # smallest width at which most 3x3 layers have >= MIN_OUT_CHANNELS outputs
 pytestmark = pytest.mark.skipif(not fast_conv.nnpack_available(), reason="NNPACK is not built into this torch")
@@ -54,10 +54,19 @@ def test_winograd_conv_equals_float64_convolution(dilation, height, width):
 
 
 def test_mosaic_growth_hand_worked():
-    # 47x63 at dilation 4: sub-grids 12x16, with separators 13x17, mosaic 52x68.
-    assert mosaic_growth(47, 63, 4) == pytest.approx(52 * 68 / (47 * 63))
-    assert mosaic_growth(41, 41, 12) == pytest.approx(60 * 60 / (41 * 41))
+    # 47x63 at dilation 4: sub-grids of 12 or 11 rows and 16 or 15 columns, 3 separators each way.
+    assert mosaic_growth(47, 63, 4) == pytest.approx(50 * 66 / (47 * 63))
+    assert mosaic_growth(41, 41, 12) == pytest.approx(52 * 52 / (41 * 41))
     assert mosaic_growth(5, 7, 1) == 1.0
+
+
+def test_mosaic_indices_hand_worked():
+    # 5x3 at dilation 2: rows 0 2 4 | 1 3, columns 0 2 | 1; "|" is a separator (index 15).
+    gather, scatter = mosaic_indices(5, 3, 2)
+    rows, cols = [0, 2, 4, None, 1, 3], [0, 2, None, 1]
+    expected = [15 if r is None or c is None else 3 * r + c for r in rows for c in cols]
+    assert gather.tolist() == expected
+    assert [gather[m].item() for m in scatter] == list(range(15))
 
 
 def test_fast_path_is_taken_only_where_intended():
@@ -68,7 +77,7 @@ def test_fast_path_is_taken_only_where_intended():
         with plain_convolution():
             assert not conv.uses_fast_path(x, conv.weight)
         assert conv.uses_fast_path(x, conv.weight)  # restored after the block
-        assert not conv.uses_fast_path(torch.randn(1, 8, 21, 21), conv.weight)  # mosaic 28x28: too large
+        assert not conv.uses_fast_path(torch.randn(1, 8, 6, 6), conv.weight)  # mosaic 9x9: too large
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not conv.uses_fast_path(x, conv.weight)
         assert not FastConv2d(8, 21, 3, padding=1).uses_fast_path(x, conv.weight)  # few outputs
@@ -140,7 +149,7 @@ def test_networks_fast_path_equals_plain_path(cls):
             assert fast_layer_names(model, lambda: model.predict_seg(x)) == []
             plain_seg = model.predict_seg(x)
             plain_training = model(x)
-    # Plain: < 32 outputs (conv1a, b2 at this width), stride 2, the dilation-12 head on 21x26 (mosaic 36x48).
+    # Plain: < 32 outputs (conv1a, b2 at this width), stride 2, the dilation-12 head on 21x26 (mosaic 32x37).
     assert {"b3_1.conv_branch2a", "b4_5.conv_branch2a", "b5_1.conv_branch2a", "b7.conv_branch2b1"} <= set(fast_names)
     assert not {"conv1a", "b2_1.conv_branch2a", "b4.conv_branch2a", "fc8_seg_conv1"} & set(fast_names)
     assert relative_error(fast_seg, plain_seg) < 1e-4

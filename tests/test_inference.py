@@ -65,10 +65,13 @@ def infer_args(root, weight_path, name, out, *extra):
 
 
 @pytest.mark.parametrize("name", ["network.RRM", "network.RRM(attention)"])
-def test_infer_script_end_to_end_with_crf(voc_root, weights, tmp_path, name):
+def test_infer_script_end_to_end_with_crf(voc_root, weights, tmp_path, name, monkeypatch):
+    allocator_calls = []
+    monkeypatch.setattr(infer_RRM, "retain_freed_memory", lambda: allocator_calls.append(True))
     summary = infer_RRM.main(infer_args(voc_root, weights[name], name, tmp_path,
                                         "--out_la_crf", str(tmp_path / "crf"), "--crf_workers", "1",
                                         "--out_color", str(tmp_path / "color")))
+    assert allocator_calls == [True]  # the script keeps freed memory (tool.allocator)
     model = load_model(name, weights[name], WIDTH)
     pairs = {"no_crf": [], "crf": []}
     for image_id in val_ids(voc_root):
