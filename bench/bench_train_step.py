@@ -2,10 +2,11 @@
 
 Modes, each in its own process (so peak RSS is per mode), measured side by side in one run:
 - released: the released computation: fp32, plain convolutions (`plain_convolution()`), mining
-  serial in the training process, and the dense-energy filter channel by channel (one-channel
-  `bilateralfilter` calls, lattice rebuilt per channel, as the released DenseCRFLoss does);
+  serial in the training process, the dense-energy filter channel by channel (one-channel
+  `bilateralfilter` calls, lattice rebuilt per channel, as the released DenseCRFLoss does), and
+  the C library's default allocator settings;
 - ours:     the engine's defaults: fp32, NNPACK fast convolutions, mining pool (one worker per
-  core), one-pass 21-channel filter;
+  core), one-pass 21-channel filter, freed memory kept (`tool.allocator`);
 - ours_bf16: ours with --amp bf16 (mining and dense energy stay float32).
 Each mode runs a warm-up step (not timed: pool start-up, allocator, NNPACK init), then
 --repeats timed steps (the fastest is reported). Prints wall and CPU time per stage, peak RSS,
@@ -76,6 +77,7 @@ def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int) -> 
     from torch.utils.data import default_collate
 
     import tool.dense_energy
+    import tool.engine
     import train_from_cls_weight
     from network.fast_conv import plain_convolution
     from tool.engine import Trainer, build_parser, finalize_args, setup_runtime
@@ -87,6 +89,7 @@ def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int) -> 
     released = mode == "released"
     if released:
         tool.dense_energy.bilateral_filter = channel_by_channel_filter
+        tool.engine.retain_freed_memory = lambda: False
     trainer = Trainer(args, setup_runtime(args), max_step=1000)
     dataset = TrainDatasetScaled(voc_root, crop_size=crop, seed=0)
     batch = default_collate([dataset[(i, 1.0)] for i in range(2)])
