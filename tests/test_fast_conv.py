@@ -40,7 +40,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
-@pytest.mark.parametrize("dilation, height, width", [(1, 13, 17), (2, 13, 17), (4, 21, 30), (12, 30, 41)])
+# (12, 5, 7) and (3, 1, 1): more sub-grids than rows or columns, i.e. empty ones.
+@pytest.mark.parametrize("dilation, height, width", [(1, 13, 17), (2, 13, 17), (4, 21, 30), (12, 30, 41),
+                                                     (12, 5, 7), (3, 1, 1)])
 def test_winograd_conv_equals_float64_convolution(dilation, height, width):
     generator = torch.Generator().manual_seed(dilation)
     x = torch.randn(2, 24, height, width, generator=generator)
@@ -89,7 +91,8 @@ def test_fast_path_is_taken_only_where_intended():
 
 
 @pytest.mark.parametrize("in_channels, dilation, height, width", [(40, 1, 13, 17), (40, 2, 13, 17),
-                                                                   (40, 4, 21, 30), (8, 2, 13, 17)])
+                                                                   (40, 4, 21, 30), (40, 12, 30, 41),
+                                                                   (8, 2, 13, 17)])
 def test_fast_path_gradients_equal_float64_gradients(in_channels, dilation, height, width):
     # 40 inputs: input gradient by NNPACK (flipped, transposed kernel); 8: by torch's backward.
     generator = torch.Generator().manual_seed(dilation)
