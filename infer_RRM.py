@@ -11,7 +11,7 @@ import os
 from typing import Any, Sequence
 
 import network
-from tool.allocator import retain_freed_memory
+from tool.allocator import add_memory_argument, apply_memory_choice
 from tool.cli import run_cli
 from tool.device import add_device_arguments, pick_device
 from tool.inference import format_summary, load_model, run_inference
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crf_workers", type=int, default=1,
                         help="processes solving CRFs while the network runs (0: serially, as released)")
     add_device_arguments(parser)
+    add_memory_argument(parser)
     parser.add_argument("--num_workers", type=int, default=1, help="DataLoader processes reading images")
     parser.add_argument("--summary", default=None,
                         help="summary JSON path (default: summary.json beside --out_cam_pred)")
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     list_path, image_dir, gt_dir = resolve_inputs(args)
     dataset = EvalDataset(list_path=list_path, image_dir=image_dir, gt_dir=gt_dir, require_gt=args.gt_dir is not None)
     device = pick_device(args.device)
-    retain_freed_memory()
+    apply_memory_choice(args.release_memory)
     model = load_model(args.network, weights, args.width, device)
     summary_path = args.summary or os.path.join(os.path.dirname(os.path.abspath(args.out_cam_pred)), "summary.json")
     summary = run_inference(

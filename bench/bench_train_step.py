@@ -4,7 +4,7 @@ Modes, each in its own process (so peak RSS is per mode), measured side by side 
 - released: the released computation: fp32, plain convolutions (`plain_convolution()`), mining
   serial in the training process, the dense-energy filter channel by channel (one-channel
   `bilateralfilter` calls, lattice rebuilt per channel, as the released DenseCRFLoss does), and
-  the C library's default allocator settings;
+  the C library's default allocator settings (`--release_memory`);
 - ours:     the engine's defaults: fp32, NNPACK fast convolutions, mining pool (one worker per
   core), one-pass 21-channel filter, freed memory kept (`tool.allocator`);
 - ours_bf16: ours with --amp bf16 (mining and dense energy stay float32).
@@ -31,7 +31,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-MODES = {"released": ["--mining_workers", "0"], "ours": [], "ours_bf16": ["--amp", "bf16"]}
+MODES = {"released": ["--mining_workers", "0", "--release_memory"], "ours": [], "ours_bf16": ["--amp", "bf16"]}
 STAGES = ("forward", "mining", "losses", "backward", "step")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -77,7 +77,6 @@ def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int) -> 
     from torch.utils.data import default_collate
 
     import tool.dense_energy
-    import tool.engine
     import train_from_cls_weight
     from network.fast_conv import plain_convolution
     from tool.engine import Trainer, build_parser, finalize_args, setup_runtime
@@ -89,7 +88,6 @@ def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int) -> 
     released = mode == "released"
     if released:
         tool.dense_energy.bilateral_filter = channel_by_channel_filter
-        tool.engine.retain_freed_memory = lambda: False
     trainer = Trainer(args, setup_runtime(args), max_step=1000)
     dataset = TrainDatasetScaled(voc_root, crop_size=crop, seed=0)
     batch = default_collate([dataset[(i, 1.0)] for i in range(2)])

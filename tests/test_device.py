@@ -6,7 +6,7 @@ import torch
 
 import infer_RRM
 import train_from_init
-from tool import engine
+from tool import allocator
 from tool.device import add_device_arguments, autocast_context, pick_device, resolve_amp
 from tool.engine import Trainer, build_parser, finalize_args, setup_runtime
 
@@ -62,11 +62,12 @@ def test_pick_device():
             pick_device("cuda:0")
 
 
-def test_training_runtime_keeps_freed_memory(monkeypatch):
+@pytest.mark.parametrize("extra, retained", [([], [True]), (["--release_memory"], [])])
+def test_training_runtime_keeps_freed_memory_unless_asked(monkeypatch, extra, retained):
     calls = []
-    monkeypatch.setattr(engine, "retain_freed_memory", lambda: calls.append(True))
-    setup_runtime(finalize_args(build_parser(train_from_init.DEFAULTS).parse_args(["--device", "cpu"])))
-    assert calls == [True]
+    monkeypatch.setattr(allocator, "retain_freed_memory", lambda: calls.append(True))
+    setup_runtime(finalize_args(build_parser(train_from_init.DEFAULTS).parse_args(["--device", "cpu", *extra])))
+    assert calls == retained
 
 
 def test_bare_amp_in_training_on_cpu_is_bf16_without_grad_scaler():

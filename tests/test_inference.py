@@ -9,6 +9,7 @@ from PIL import Image
 
 import infer_RRM
 import network
+from tool import allocator
 from tool.crf import inference_crf
 from tool.crf_pool import CrfPool
 from tool.inference import cam_label_map, evaluate_cam, load_model, predict_probs, run_inference
@@ -67,7 +68,7 @@ def infer_args(root, weight_path, name, out, *extra):
 @pytest.mark.parametrize("name", ["network.RRM", "network.RRM(attention)"])
 def test_infer_script_end_to_end_with_crf(voc_root, weights, tmp_path, name, monkeypatch):
     allocator_calls = []
-    monkeypatch.setattr(infer_RRM, "retain_freed_memory", lambda: allocator_calls.append(True))
+    monkeypatch.setattr(allocator, "retain_freed_memory", lambda: allocator_calls.append(True))
     summary = infer_RRM.main(infer_args(voc_root, weights[name], name, tmp_path,
                                         "--out_la_crf", str(tmp_path / "crf"), "--crf_workers", "1",
                                         "--out_color", str(tmp_path / "color")))

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from network import build_segnet, resolve_network
-from tool.allocator import retain_freed_memory
+from tool.allocator import add_memory_argument, apply_memory_choice
 from tool.checkpoint import (capture_rng_state, load_resume_checkpoint, restore_rng_state, save_model_weights,
                              save_resume_checkpoint, unwrap_model)
 from tool.dense_energy import DenseEnergyLoss
@@ -103,6 +103,7 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
 
     device = parser.add_argument_group("device")
     add_device_arguments(device)
+    add_memory_argument(device)
     device.add_argument("--gpu_id", default=None, help="sets CUDA_VISIBLE_DEVICES as released (not under torchrun)")
 
     output = parser.add_argument_group("output")
@@ -185,7 +186,7 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
     if args.gpu_id is not None and not launched_by_torchrun:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu_id)
     device = pick_device(args.device)
-    retain_freed_memory()
+    apply_memory_choice(args.release_memory)
     use_cuda = device.type == "cuda"
     resolve_amp(args.amp, device)  # an impossible --amp fails before any work
     if launched_by_torchrun:
