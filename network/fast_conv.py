@@ -33,6 +33,11 @@ MIN_OUT_CHANNELS = 32
 # batch 8 1.8, 32->32 at 20x20 batch 8 3.0 (all left plain: the small-width demo runs 3x faster).
 MIN_FAST_AREA = 128 * 128
 MIN_FAST_WORK = 2 * 10**8
+# A batch is stacked into one NNPACK image when in*out >= this * (in+out)*height*width. Measured
+# (stacked/per-image time, batch 2 unless noted): 512->512 at 41x41 0.68, 256->256 at 81x81 0.86,
+# 256->256 at 56x56 batch 8 0.66, 128->128 at 81x81 0.98 (share >= 0.01); 256->256 at 161x161
+# 1.13, 128->128 at 161x161 1.05 (share 0.005 and 0.0025).
+STACK_MIN_KERNEL_SHARE = 0.01
 
 _fast_path_enabled = True
 
@@ -66,22 +71,27 @@ def mosaic_growth(height: int, width: int, dilation: int) -> float:
 
 
 @functools.lru_cache(maxsize=64)
-def mosaic_indices(height: int, width: int, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat pixel indices (gather, scatter) of the mosaic of a (height, width) map: gather[m] is
-    the map pixel at mosaic pixel m (height*width, one past the map, for a separator), scatter[p]
-    the mosaic pixel of map pixel p. Along each side, sub-grid r (positions r, r+d, ...) follows
-    sub-grid r-1 after one separator, so the mosaic is (height+d-1, width+d-1)."""
-    def side(size: int) -> torch.Tensor:
+def mosaic_indices(batch: int, height: int, width: int, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat pixel indices (gather, scatter) between a batch of (height, width) maps and its mosaic:
+    gather[m] is the batch pixel (image-major) at mosaic pixel m, or batch*height*width (one past
+    the maps: a zero) for a separator; scatter[p] is the mosaic pixel of batch pixel p. Along each
+    side, sub-grid r (positions r, r+d, ...) follows sub-grid r-1 after one separator, so an
+    image's mosaic is (height+d-1, width+d-1); the images' mosaics stand one above the other with
+    one separator row between neighbours."""
+    def side(size: int) -> list[int]:
         order: list[int] = []
         for offset in range(dilation):
             order.extend(([-1] if offset else []) + list(range(offset, size, dilation)))
-        return torch.tensor(order)
+        return order
 
-    rows, cols = side(height), side(width)
+    image_rows = side(height)
+    rows = torch.tensor([-1 if row < 0 else row + image * height
+                         for image in range(batch) for row in ([-1] if image else []) + image_rows])
+    cols = torch.tensor(side(width))
     separator = (rows[:, None] < 0) | (cols[None, :] < 0)
-    gather = torch.where(separator, height * width, rows[:, None] * width + cols[None, :]).flatten()
+    gather = torch.where(separator, batch * height * width, rows[:, None] * width + cols[None, :]).flatten()
     inside = ~separator.flatten()
-    scatter = torch.empty(height * width, dtype=torch.long)
+    scatter = torch.empty(batch * height * width, dtype=torch.long)
     scatter[gather[inside]] = torch.nonzero(inside).flatten()
     return gather, scatter
 
@@ -89,20 +99,30 @@ def mosaic_indices(height: int, width: int, dilation: int) -> tuple[torch.Tensor
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      dilation: int = 1) -> torch.Tensor:
     """conv2d(x, weight, bias, padding=dilation, dilation=dilation) for 3x3 weights, by NNPACK."""
-    if dilation == 1:
-        # NNPACK's fast inference algorithm is the single-image one.
-        outputs = [torch._nnpack_spatial_convolution(x[i:i + 1].contiguous(), weight, bias, [1, 1], [1, 1])
-                   for i in range(x.shape[0])]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-    d = dilation
     batch, channels, height, width = x.shape
-    gather, scatter = mosaic_indices(height, width, d)
-    # One zero appended to every channel is what the separators read.
-    flat = F.pad(x.reshape(batch * channels, height * width), (0, 1))
-    mosaic = flat.index_select(1, gather).view(batch, channels, height + d - 1, width + d - 1)
-    out = winograd_conv3x3(mosaic, weight, bias, 1)
-    out_channels = out.shape[1]
-    return out.view(batch * out_channels, -1).index_select(1, scatter).view(batch, out_channels, height, width)
+    out_channels = weight.shape[0]
+    # NNPACK's fast algorithm takes one image. A batch becomes one image (the images one above the
+    # other, a zero row between neighbours) when the kernel, transformed once per call, is large
+    # next to the maps that stacking copies; dilated layers always are.
+    small_kernel = channels * out_channels < STACK_MIN_KERNEL_SHARE * (channels + out_channels) * height * width
+    if dilation == 1 and (batch == 1 or small_kernel):
+        outputs = [torch._nnpack_spatial_convolution(x[i:i + 1].contiguous(), weight, bias, [1, 1], [1, 1])
+                   for i in range(batch)]
+        return outputs[0] if batch == 1 else torch.cat(outputs)
+    if dilation == 1:
+        stacked = x.new_empty(channels, batch, height + 1, width)
+        stacked[:, :, height] = 0  # the last one is surplus: slicing it off would cost a copy
+        stacked[:, :, :height] = x.transpose(0, 1)
+        out = torch._nnpack_spatial_convolution(stacked.view(1, channels, -1, width), weight, bias, [1, 1], [1, 1])
+        return out.view(-1, batch, height + 1, width)[:, :, :height].transpose(0, 1).contiguous()
+    gather, scatter = mosaic_indices(batch, height, width, dilation)
+    source = x.new_empty(channels, batch * height * width + 1)
+    source[:, -1] = 0  # what the separators read
+    source[:, :-1].view(channels, batch, height * width).copy_(x.reshape(batch, channels, -1).transpose(0, 1))
+    mosaic = source.index_select(1, gather).view(1, channels, -1, width + dilation - 1)
+    out = torch._nnpack_spatial_convolution(mosaic, weight, bias, [1, 1], [1, 1])
+    out = out.view(out_channels, -1).index_select(1, scatter)
+    return out.view(-1, batch, height, width).transpose(0, 1).contiguous()
 
 
 class WinogradConv3x3Function(torch.autograd.Function):

@@ -63,12 +63,30 @@ def test_mosaic_growth_hand_worked():
 
 
 def test_mosaic_indices_hand_worked():
-    # 5x3 at dilation 2: rows 0 2 4 | 1 3, columns 0 2 | 1; "|" is a separator (index 15).
-    gather, scatter = mosaic_indices(5, 3, 2)
-    rows, cols = [0, 2, 4, None, 1, 3], [0, 2, None, 1]
-    expected = [15 if r is None or c is None else 3 * r + c for r in rows for c in cols]
+    # Two 5x3 maps at dilation 2: rows 0 2 4 | 1 3 of each image, a separator row "|" between the
+    # images; columns 0 2 | 1. Batch pixel p of image i is 15*i + 3*row + column; 30 is the zero.
+    gather, scatter = mosaic_indices(2, 5, 3, 2)
+    rows = [0, 2, 4, None, 1, 3, None, 5, 7, 9, None, 6, 8]  # image 1's rows offset by 5
+    cols = [0, 2, None, 1]
+    expected = [30 if r is None or c is None else 3 * r + c for r in rows for c in cols]
     assert gather.tolist() == expected
-    assert [gather[m].item() for m in scatter] == list(range(15))
+    assert [gather[m].item() for m in scatter] == list(range(30))
+
+
+@pytest.mark.parametrize("batch, in_channels, size", [(2, 40, 13), (3, 8, 30)])
+def test_batch_is_stacked_only_for_a_large_kernel(monkeypatch, batch, in_channels, size):
+    # 40->48 at 13x13: in*out = 1920 >= 0.01 * 88 * 169 -> one NNPACK call for the batch;
+    # 8->48 at 30x30: 384 < 0.01 * 56 * 900 -> one call per image. Both equal float64 convolution.
+    calls = []
+    nnpack = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", lambda *args: calls.append(args[0].shape) or nnpack(*args))
+    generator = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, in_channels, size, size, generator=generator)
+    weight = torch.randn(48, in_channels, 3, 3, generator=generator) / 10
+    actual = winograd_conv3x3(x, weight, None, 1)
+    stacked = in_channels == 40
+    assert calls == ([(1, in_channels, batch * (size + 1), size)] if stacked else [(1, in_channels, size, size)] * batch)
+    assert relative_error(actual, F.conv2d(x.double(), weight.double(), padding=1)) < 1e-4
 
 
 def test_fast_path_is_taken_only_where_intended():
