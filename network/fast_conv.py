@@ -7,11 +7,11 @@ convolutions; NNPACK's single-image Winograd F(6x6,3x3) needs ~2-3x fewer CPU-se
 padding d) is an ordinary 3x3 convolution on each of the d*d interleaved sub-grids of its
 input; these are laid out as one (h+d-1)x(w+d-1) mosaic image, one zero row/column between
 neighbours acting as their padding, so one NNPACK call serves them all; likewise the images of
-a batch, one above the other, where the kernel is large next to the maps. Under autograd the input gradient is the
-same kind of convolution (of the output gradient, with the kernel flipped and its channels
-transposed), so it takes the NNPACK path too; the weight and bias gradients are torch's. Used
-only where it pays off (see `FastConv2d.uses_fast_path`); everything else, CUDA and autocast
-included, is plain nn.Conv2d.
+a batch, one above the other, where the kernel is large next to the maps. Under autograd the
+input gradient is the same kind of convolution (of the output gradient, with the kernel flipped
+and its channels transposed), so it takes the NNPACK path too; the weight and bias gradients
+are torch's. Used only where it pays off (see `FastConv2d.uses_fast_path`); everything else,
+CUDA and autocast included, is plain nn.Conv2d.
 """
 from __future__ import annotations
 
