@@ -2,12 +2,15 @@
 hands a large one back at once) and repeated forwards stop page-faulting."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
 import sys
 
 import pytest
+
+from tool import allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TENSOR_PAGES = 64 * 256 * 256 * 4 // 4096  # one 16 MiB activation, in 4 KiB pages
@@ -60,3 +63,14 @@ def test_freed_tensor_stays_in_the_process():
 def test_repeated_forwards_reuse_freed_pages():
     # At most one fresh activation (glibc's aligned allocations may place one above the freed ones).
     assert probe(LATE_FORWARD_FAULTS, retain=True) <= TENSOR_PAGES + 64
+
+
+@pytest.mark.parametrize("release_memory, retained", [(False, [True]), (True, [])])
+def test_release_memory_flag_skips_the_setting(monkeypatch, release_memory, retained):
+    calls = []
+    monkeypatch.setattr(allocator, "retain_freed_memory", lambda: calls.append(True) or True)
+    parser = argparse.ArgumentParser()
+    allocator.add_memory_argument(parser)
+    args = parser.parse_args(["--release_memory"] if release_memory else [])
+    assert allocator.apply_memory_choice(args.release_memory) is (not release_memory)
+    assert calls == retained
