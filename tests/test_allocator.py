@@ -14,7 +14,7 @@ from tool import allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TENSOR_PAGES = 64 * 256 * 256 * 4 // 4096  # one 16 MiB activation, in 4 KiB pages
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+needs_glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
 PREAMBLE = """
 import os, resource, sys, torch
@@ -55,11 +55,13 @@ def probe(body: str, retain: bool) -> float:
     return float(result.stdout.split()[-1])
 
 
+@needs_glibc
 def test_freed_tensor_stays_in_the_process():
     assert probe(RELEASED_ON_FREE, retain=False) > 60  # glibc's default: unmapped at once
     assert probe(RELEASED_ON_FREE, retain=True) < 1
 
 
+@needs_glibc
 def test_repeated_forwards_reuse_freed_pages():
     # At most one fresh activation (glibc's aligned allocations may place one above the freed ones).
     assert probe(LATE_FORWARD_FAULTS, retain=True) <= TENSOR_PAGES + 64
