@@ -15,6 +15,7 @@ Run: .venv/bin/python bench/bench_infer.py [--images 3] [--crf_workers 1] [--wid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -94,12 +95,9 @@ def time_one_path(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = load_model("network.RRM", None, args.width, "cpu")
     first = cv2.imread(os.path.join(image_dir, ids[0] + ".jpg")).shape[:2]
-    with torch.no_grad():  # warm-up: oneDNN primitive creation, NNPACK initialisation
-        if args.child == "serial":
-            with plain_convolution():
-                model.predict_seg(torch.zeros(1, 3, *first))
-        else:
-            model.predict_seg(torch.zeros(1, 3, *first))
+    # Warm-up of the timed path: oneDNN primitive creation, NNPACK initialisation.
+    with torch.no_grad(), plain_convolution() if args.child == "serial" else contextlib.nullcontext():
+        model.predict_seg(torch.zeros(1, 3, *first))
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     if args.child == "serial":
         released_serial_loop(model, ids, image_dir, out_dir, args.crf)

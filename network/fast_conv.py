@@ -97,6 +97,11 @@ def mosaic_indices(batch: int, height: int, width: int, dilation: int) -> tuple[
     return gather, scatter
 
 
+def _nnpack_same_conv3x3(image: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """NNPACK's padding-1 stride-1 convolution of one contiguous (1,C,H,W) image."""
+    return torch._nnpack_spatial_convolution(image, weight, bias, [1, 1], [1, 1])
+
+
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      dilation: int = 1) -> torch.Tensor:
     """conv2d(x, weight, bias, padding=dilation, dilation=dilation) for 3x3 weights, by NNPACK."""
@@ -107,22 +112,21 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     # next to the maps that stacking copies; dilated layers always are.
     small_kernel = channels * out_channels < STACK_MIN_KERNEL_SHARE * (channels + out_channels) * height * width
     if dilation == 1 and (batch == 1 or small_kernel):
-        outputs = [torch._nnpack_spatial_convolution(x[i:i + 1].contiguous(), weight, bias, [1, 1], [1, 1])
-                   for i in range(batch)]
+        outputs = [_nnpack_same_conv3x3(x[i:i + 1].contiguous(), weight, bias) for i in range(batch)]
         return outputs[0] if batch == 1 else torch.cat(outputs)
     if dilation == 1:
+        # The mosaic of an undilated map is the map itself: strided copies, cheaper than a gather.
         stacked = x.new_empty(channels, batch, height + 1, width)
         stacked[:, :, height] = 0  # the last one is surplus: slicing it off would cost a copy
         stacked[:, :, :height] = x.transpose(0, 1)
-        out = torch._nnpack_spatial_convolution(stacked.view(1, channels, -1, width), weight, bias, [1, 1], [1, 1])
+        out = _nnpack_same_conv3x3(stacked.view(1, channels, -1, width), weight, bias)
         return out.view(-1, batch, height + 1, width)[:, :, :height].transpose(0, 1).contiguous()
     gather, scatter = mosaic_indices(batch, height, width, dilation)
     source = x.new_empty(channels, batch * height * width + 1)
     source[:, -1] = 0  # what the separators read
     source[:, :-1].view(channels, batch, height * width).copy_(x.reshape(batch, channels, -1).transpose(0, 1))
     mosaic = source.index_select(1, gather).view(1, channels, -1, width + dilation - 1)
-    out = torch._nnpack_spatial_convolution(mosaic, weight, bias, [1, 1], [1, 1])
-    out = out.view(out_channels, -1).index_select(1, scatter)
+    out = _nnpack_same_conv3x3(mosaic, weight, bias).view(out_channels, -1).index_select(1, scatter)
     return out.view(-1, batch, height, width).transpose(0, 1).contiguous()
 
 
