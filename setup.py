@@ -32,7 +32,7 @@ class BuildExtensionWithOpenMP(build_ext):
         flags = self._openmp_flags()
         if not flags:
             print("bilateralfilter: OpenMP not available, building single-threaded")
-        optimise = [] if self.compiler.compiler_type == "msvc" else ["-O3", "-std=c++14"]
+        optimise = [] if self.compiler.compiler_type == "msvc" else ["-O3", "-std=c++14", "-ffp-contract=off"]
         for extension in self.extensions:
             extension.include_dirs.append(numpy.get_include())
             extension.extra_compile_args += optimise + flags

@@ -36,15 +36,18 @@ void require_size(const char* name, int64_t size, int64_t expected, const char* 
 void filter_image(const float* image, const float* in, float* out, int channels, int H, int W, float sigma_rgb,
                   float sigma_xy) {
     const int64_t num_points = static_cast<int64_t>(H) * W;
-    std::vector<float> features(num_points * kFeatureDim);
-    for (int y = 0; y < H; ++y) {
-        for (int x = 0; x < W; ++x) {
-            const int64_t p = static_cast<int64_t>(y) * W + x;
-            float* f = features.data() + p * kFeatureDim;
-            f[0] = float(x) / sigma_xy;
-            f[1] = float(y) / sigma_xy;
-            for (int c = 0; c < 3; ++c) f[2 + c] = image[c * num_points + p] / sigma_rgb;
+    std::vector<float> features(kFeatureDim * num_points);
+    float* x = features.data();
+    float* y = x + num_points;
+    for (int row = 0; row < H; ++row) {
+        for (int col = 0; col < W; ++col) {
+            x[static_cast<int64_t>(row) * W + col] = float(col) / sigma_xy;
+            y[static_cast<int64_t>(row) * W + col] = float(row) / sigma_xy;
         }
+    }
+    for (int c = 0; c < 3; ++c) {
+        float* colour = y + (c + 1) * num_points;
+        for (int64_t p = 0; p < num_points; ++p) colour[p] = image[c * num_points + p] / sigma_rgb;
     }
     const permutohedral::Lattice lattice(features.data(), kFeatureDim, num_points);
     lattice.filter(in, out, channels);
