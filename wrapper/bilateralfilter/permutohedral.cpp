@@ -26,9 +26,9 @@ namespace permutohedral {
 
 namespace {
 
-// Points elevated together (structure-of-arrays, so the per-point arithmetic vectorises); a
-// multiple of the released code's group of four.
-constexpr int kBlock = 16;
+// Points elevated together, one vector lane each (eight: native on AVX2, where sixteen lanes
+// fell back to scalar code); a multiple of the released code's group of four.
+constexpr int kBlock = 8;
 constexpr int kReleasedGroup = 4;
 // Points per tile when converting between channel-major and point-major layouts.
 constexpr int64_t kTile = 64;
@@ -157,17 +157,17 @@ inline __attribute__((always_inline)) void transpose8(Vec8 (&rows)[8]) {
     }
 }
 
-// Sixteen lanes, one per point of a block (four vector registers without AVX-512).
-typedef float Float16 __attribute__((vector_size(64)));
-typedef int32_t Int16 __attribute__((vector_size(64)));
-typedef uint32_t Word16 __attribute__((vector_size(64)));
-static_assert(kBlock == 16, "a block is one Float16 per coordinate");
+// One lane per point of a block.
+typedef float BlockFloat __attribute__((vector_size(32)));
+typedef int32_t BlockInt __attribute__((vector_size(32)));
+typedef uint32_t BlockWord __attribute__((vector_size(32)));
+static_assert(kBlock * sizeof(float) == sizeof(BlockFloat), "a block is one vector per coordinate");
 
 // The simplex of each point of a block: per simplex vertex r, its key as four 32-bit words of two
 // 16-bit lanes each, and its barycentric weight.
 struct BlockSimplices {
-    Word16 key[kMaxDim + 1][kMaxDim / 2];
-    Float16 weight[kMaxDim + 1];
+    BlockWord key[kMaxDim + 1][kMaxDim / 2];
+    BlockFloat weight[kMaxDim + 1];
 
     Key key_of(int r, int b) const {
         return Key{key[r][0][b] | uint64_t{key[r][1][b]} << 32, key[r][2][b] | uint64_t{key[r][3][b]} << 32};
@@ -181,22 +181,24 @@ template <int d>
 PERMUTOHEDRAL_CLONES bool simplices_of_block(const float* features, int64_t start, int64_t num_points,
                                              const float* scale, BlockSimplices& out) {
     const int64_t count = std::min<int64_t>(kBlock, num_points - start);
-    Float16 elevated[d + 1], rem0[d + 1], remainder[d + 1];
-    Float16 sm = {}, sum = {};
+    BlockFloat elevated[d + 1], rem0[d + 1], remainder[d + 1];
+    BlockFloat sm = {}, sum = {};
     for (int j = d; j > 0; --j) {
-        Float16 feature = {};
+        BlockFloat feature = {};
         std::memcpy(&feature, features + (j - 1) * num_points + start, count * sizeof(float));
-        const Float16 cf = feature * scale[j - 1];
+        const BlockFloat cf = feature * scale[j - 1];
         elevated[j] = sm - static_cast<float>(j) * cf;
         sm += cf;
     }
     elevated[0] = sm;
-    Int16 roundable = ~Int16{};
+    BlockInt roundable = ~BlockInt{};
     for (int i = 0; i <= d; ++i) {
-        const Float16 scaled = (1.0f / (d + 1)) * elevated[i];
+        const BlockFloat scaled = (1.0f / (d + 1)) * elevated[i];
         // |scaled| < 2^22 on the float's bits (a NaN fails too).
-        roundable &= (reinterpret_cast<const Int16&>(scaled) & 0x7FFFFFFF) < kMaxRoundableBits;
-        const Float16 rounded = (scaled + kRoundingShift) - kRoundingShift;
+        BlockInt bits;
+        std::memcpy(&bits, &scaled, sizeof bits);
+        roundable &= (bits & 0x7FFFFFFF) < kMaxRoundableBits;
+        const BlockFloat rounded = (scaled + kRoundingShift) - kRoundingShift;
         rem0[i] = rounded * static_cast<float>(d + 1);
         sum += rounded;
         remainder[i] = elevated[i] - rem0[i];
@@ -206,41 +208,46 @@ PERMUTOHEDRAL_CLONES bool simplices_of_block(const float* features, int64_t star
     }
     // rank[i] = position of coordinate i in the sort of the remainders: the released pairwise loop
     // (for i < j the smaller gets no count, ties go to j), counted per i. Comparisons give −1 / 0.
-    const Int16 zero = {};
-    Int16 rank[d + 1];
+    const BlockInt zero = {};
+    BlockInt rank[d + 1];
     for (int i = 0; i <= d; ++i) {
         rank[i] = zero + i;
         for (int j = 0; j < i; ++j) rank[i] += remainder[j] < remainder[i];
         for (int j = i + 1; j <= d; ++j) rank[i] -= remainder[i] < remainder[j];
     }
     // Bring points with a nonzero coordinate sum back onto the plane.
-    const Int16 total = __builtin_convertvector(sum, Int16);
+    const BlockInt total = __builtin_convertvector(sum, BlockInt);
+    // Selections are masks (−1 / 0) and bit operations: vector ?: becomes branches on AVX2.
     for (int i = 0; i <= d; ++i) {
-        const Int16 r = rank[i] + total;
-        const Int16 shift = r < 0 ? zero + (d + 1) : (r > d ? zero - (d + 1) : zero);
+        const BlockInt r = rank[i] + total;
+        const BlockInt shift = ((r < 0) & (d + 1)) | ((r > d) & -(d + 1));
         rank[i] = r + shift;
-        rem0[i] += __builtin_convertvector(shift, Float16);
+        rem0[i] += __builtin_convertvector(shift, BlockFloat);
     }
-    // by_rank[k] = (elevated − rem0)/(d+1) of the coordinate with rank k.
-    Float16 by_rank[d + 1] = {};
+    // by_rank[k] = (elevated − rem0)/(d+1) of the coordinate with rank k (one per point).
+    BlockInt by_rank_bits[d + 1] = {};
     for (int i = 0; i <= d; ++i) {
-        const Float16 v = (elevated[i] - rem0[i]) * (1.0f / (d + 1));
-        for (int k = 0; k <= d; ++k) by_rank[k] = rank[i] == k ? v : by_rank[k];
+        const BlockFloat v = (elevated[i] - rem0[i]) * (1.0f / (d + 1));
+        BlockInt bits;
+        std::memcpy(&bits, &v, sizeof bits);
+        for (int k = 0; k <= d; ++k) by_rank_bits[k] |= bits & (rank[i] == k);
     }
+    BlockFloat by_rank[d + 1];
+    std::memcpy(by_rank, by_rank_bits, sizeof by_rank);
     // The released loop adds v to slot d − rank and subtracts it from slot d − rank + 1, starting
     // from zero; slot d+1 wraps onto slot 0. Written per slot, in the same float operations.
-    const Float16 none = {};
+    const BlockFloat none = {};
     out.weight[0] = (none + by_rank[d]) + (1.0f + (none - by_rank[0]));
     for (int r = 1; r <= d; ++r) out.weight[r] = (none + by_rank[d - r]) - by_rank[d - r + 1];
     // Vertex r of the canonical simplex: coordinate r where rank <= d − r, else r − (d+1); each
     // coordinate goes into a 16-bit lane of the key.
-    Int16 base[d];
-    for (int i = 0; i < d; ++i) base[i] = __builtin_convertvector(rem0[i], Int16);
+    BlockInt base[d];
+    for (int i = 0; i < d; ++i) base[i] = __builtin_convertvector(rem0[i], BlockInt);
     for (int r = 0; r <= d; ++r) {
-        for (int w = 0; w < kMaxDim / 2; ++w) out.key[r][w] = Word16{};
+        for (int w = 0; w < kMaxDim / 2; ++w) out.key[r][w] = BlockWord{};
         for (int i = 0; i < d; ++i) {
-            const Int16 coordinate = base[i] + (rank[i] <= d - r ? zero + r : zero + (r - (d + 1)));
-            out.key[r][i / 2] |= (reinterpret_cast<const Word16&>(coordinate) & 0xFFFF) << (16 * (i & 1));
+            const BlockInt coordinate = base[i] + r - ((rank[i] > d - r) & (d + 1));
+            out.key[r][i / 2] |= (__builtin_convertvector(coordinate, BlockWord) & 0xFFFF) << (16 * (i & 1));
         }
     }
     return true;
@@ -404,18 +411,19 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
     const int64_t rows = num_vertices_ + 1;
 
     // Blur neighbours along each of the d+1 axes: n1 = key − 1 everywhere, + d on axis j (axis d
-    // touches no stored coordinate); n2 is the inverse step, so one lookup finds both.
+    // touches no stored coordinate); n2 is the inverse step, so one lookup finds both. A missing
+    // n1 (row 0) gets v as its n2: row 0 is never blurred, and no branch mispredicts.
     blur_neighbours_.assign(static_cast<size_t>(d + 1) * rows * 2, 0);
     for (int j = 0; j <= d; ++j) {
         Key step;
         for (int i = 0; i < d; ++i) set_lane(step, i, i == j ? d : -1);
         int32_t* axis = blur_neighbours_.data() + static_cast<size_t>(j) * rows * 2;
         for (int32_t v = 0; v < table.size(); ++v) {
-            const int32_t n1 = table.find(add_lanes(table.key(v), step));
-            if (n1 < 0) continue;
-            axis[2 * (v + 1)] = n1 + 1;
-            axis[2 * (n1 + 1) + 1] = v + 1;
+            const int32_t n1 = table.find(add_lanes(table.key(v), step)) + 1;
+            axis[2 * (v + 1)] = n1;
+            axis[2 * n1 + 1] = v + 1;
         }
+        axis[1] = 0;
     }
 }
 
