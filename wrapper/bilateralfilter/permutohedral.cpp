@@ -302,22 +302,19 @@ inline __attribute__((always_inline)) void from_point_major(const float* tile, i
     }
 }
 
-// What splat and slice need of the lattice: per (point, simplex vertex) its vertex row and weight.
+// What splat and slice need of the lattice.
 struct Entries {
-    const int32_t* vertex;
-    const float* weight;
-    int d;
+    const Entry* entry;  // (num_points, d + 1)
     int64_t num_points;
 };
 
 // Splats `channels` (<= 8·chunks) channel-major value planes into columns [0, 8·chunks) of the
 // vertex rows (stride floats apart), every vertex summing its points in point order. The chunks
 // of a point stay in registers.
-template <int chunks>
+template <int d, int chunks>
 PERMUTOHEDRAL_CLONES void splat_group(const Entries& entries, const float* values, int channels, int stride,
                                       float* vertex_values) {
     constexpr int width = chunks * kLanes;
-    const int d = entries.d;
     float tile[kTile * width];
     for (int64_t start = 0; start < entries.num_points; start += kTile) {
         const int64_t count = std::min(kTile, entries.num_points - start);
@@ -327,8 +324,8 @@ PERMUTOHEDRAL_CLONES void splat_group(const Entries& entries, const float* value
             for (int c = 0; c < chunks; ++c) value[c] = load8(tile + p * width + c * kLanes);
             for (int r = 0; r <= d; ++r) {
                 const int64_t e = (start + p) * (d + 1) + r;
-                const float w = entries.weight[e];
-                float* row = vertex_values + static_cast<int64_t>(entries.vertex[e]) * stride;
+                const float w = entries.entry[e].weight;
+                float* row = vertex_values + static_cast<int64_t>(entries.entry[e].row) * stride;
                 for (int c = 0; c < chunks; ++c) store8(row + c * kLanes, load8(row + c * kLanes) + w * value[c]);
             }
         }
@@ -337,11 +334,10 @@ PERMUTOHEDRAL_CLONES void splat_group(const Entries& entries, const float* value
 
 // Slices columns [0, channels) of the vertex rows back to channel-major planes: per point the
 // sum over its simplex vertices r = 0..d of (weight·alpha)·row, from zero, in the released order.
-template <int chunks>
+template <int d, int chunks>
 PERMUTOHEDRAL_CLONES void slice_group(const Entries& entries, const float* vertex_values, int channels, int stride,
                                       float alpha, float* values) {
     constexpr int width = chunks * kLanes;
-    const int d = entries.d;
     float tile[kTile * width];
     for (int64_t start = 0; start < entries.num_points; start += kTile) {
         const int64_t count = std::min(kTile, entries.num_points - start);
@@ -349,8 +345,8 @@ PERMUTOHEDRAL_CLONES void slice_group(const Entries& entries, const float* verte
             Vec8 acc[chunks] = {};
             for (int r = 0; r <= d; ++r) {
                 const int64_t e = (start + p) * (d + 1) + r;
-                const float w = entries.weight[e] * alpha;
-                const float* row = vertex_values + static_cast<int64_t>(entries.vertex[e]) * stride;
+                const float w = entries.entry[e].weight * alpha;
+                const float* row = vertex_values + static_cast<int64_t>(entries.entry[e].row) * stride;
                 for (int c = 0; c < chunks; ++c) acc[c] += w * load8(row + c * kLanes);
             }
             for (int c = 0; c < chunks; ++c) store8(tile + p * width + c * kLanes, acc[c]);
@@ -358,6 +354,24 @@ PERMUTOHEDRAL_CLONES void slice_group(const Entries& entries, const float* verte
         from_point_major(tile, entries.num_points, start, count, channels, width, values);
     }
 }
+
+using SimplicesFunction = bool (*)(const float*, int64_t, int64_t, const float*, BlockSimplices&);
+const SimplicesFunction kSimplices[kMaxDim] = {
+    simplices_of_block<1>, simplices_of_block<2>, simplices_of_block<3>, simplices_of_block<4>,
+    simplices_of_block<5>, simplices_of_block<6>, simplices_of_block<7>, simplices_of_block<8>};
+using SplatFunction = void (*)(const Entries&, const float*, int, int, float*);
+using SliceFunction = void (*)(const Entries&, const float*, int, int, float, float*);
+// Kernels by feature dimension (1..kMaxDim) and, for splat and slice, registers per channel group
+// (1..4): the loops over coordinates, simplex vertices and channels unroll.
+#define PERMUTOHEDRAL_BY_CHUNKS(kernel, d) {kernel<d, 1>, kernel<d, 2>, kernel<d, 3>, kernel<d, 4>}
+#define PERMUTOHEDRAL_BY_DIM(kernel)                                                                  \
+    {PERMUTOHEDRAL_BY_CHUNKS(kernel, 1), PERMUTOHEDRAL_BY_CHUNKS(kernel, 2), PERMUTOHEDRAL_BY_CHUNKS(kernel, 3), \
+     PERMUTOHEDRAL_BY_CHUNKS(kernel, 4), PERMUTOHEDRAL_BY_CHUNKS(kernel, 5), PERMUTOHEDRAL_BY_CHUNKS(kernel, 6), \
+     PERMUTOHEDRAL_BY_CHUNKS(kernel, 7), PERMUTOHEDRAL_BY_CHUNKS(kernel, 8)}
+const SplatFunction kSplat[kMaxDim][4] = PERMUTOHEDRAL_BY_DIM(splat_group);
+const SliceFunction kSlice[kMaxDim][4] = PERMUTOHEDRAL_BY_DIM(slice_group);
+#undef PERMUTOHEDRAL_BY_DIM
+#undef PERMUTOHEDRAL_BY_CHUNKS
 
 }  // namespace
 
@@ -372,8 +386,7 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
         throw std::invalid_argument("too many points for the lattice");
     }
     // Every entry is written below: no zero fill.
-    entry_vertex_.reset(new int32_t[num_entries]);
-    entry_weight_.reset(new float[num_entries]);
+    entries_.reset(new Entry[num_entries]);
 
     // Constants and float/double mix of Kraehenbuehl's permutohedral.cpp (SSE branch), for parity.
     const float inv_std_dev = std::sqrt(2.0 / 3.0) * (d + 1);
@@ -382,12 +395,7 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
 
     // Photographs give far fewer vertices than points; the table grows when needed.
     VertexTable table(num_points / 16 + 64);
-    // The feature dimension as a template argument: the per-point loops unroll and vectorise.
-    using BlockFunction = bool (*)(const float*, int64_t, int64_t, const float*, BlockSimplices&);
-    static const BlockFunction kSimplices[kMaxDim] = {
-        simplices_of_block<1>, simplices_of_block<2>, simplices_of_block<3>, simplices_of_block<4>,
-        simplices_of_block<5>, simplices_of_block<6>, simplices_of_block<7>, simplices_of_block<8>};
-    const BlockFunction simplices = kSimplices[d - 1];
+    const SimplicesFunction simplices = kSimplices[d - 1];
     BlockSimplices block;
     for (int64_t start = 0; start < num_points; start += kBlock) {
         if (!simplices(features, start, num_points, scale, block)) {
@@ -397,8 +405,7 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
         for (int b = 0; b < count; ++b) {
             for (int r = 0; r <= d; ++r) {
                 const int64_t e = (start + b) * (d + 1) + r;
-                entry_vertex_[e] = table.insert(block.key_of(r, b)) + 1;
-                entry_weight_[e] = block.weight[r][b];
+                entries_[e] = Entry{table.insert(block.key_of(r, b)) + 1, block.weight[r][b]};
             }
         }
         // The released code elevates points four at a time and also inserts the simplex of the
@@ -428,17 +435,11 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
 }
 
 void Lattice::splat(const float* values_in, float* vertex_values, int channels, int stride) const {
-    const Entries entries{entry_vertex_.get(), entry_weight_.get(), dim_, num_points_};
+    const Entries entries{entries_.get(), num_points_};
     for (int first = 0; first < channels; first += kGroupChannels) {
         const int group = std::min(kGroupChannels, channels - first);
-        const float* values = values_in + first * num_points_;
-        float* rows = vertex_values + first;
-        switch ((group + kLanes - 1) / kLanes) {
-            case 1: splat_group<1>(entries, values, group, stride, rows); break;
-            case 2: splat_group<2>(entries, values, group, stride, rows); break;
-            case 3: splat_group<3>(entries, values, group, stride, rows); break;
-            default: splat_group<4>(entries, values, group, stride, rows); break;
-        }
+        kSplat[dim_ - 1][(group - 1) / kLanes](entries, values_in + first * num_points_, group, stride,
+                                              vertex_values + first);
     }
 }
 
@@ -456,17 +457,11 @@ void Lattice::blur(float* vertex_values, float* scratch, int stride, float** res
 
 void Lattice::slice(const float* vertex_values, float* values_out, int channels, int stride) const {
     const float alpha = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-dim_)));
-    const Entries entries{entry_vertex_.get(), entry_weight_.get(), dim_, num_points_};
+    const Entries entries{entries_.get(), num_points_};
     for (int first = 0; first < channels; first += kGroupChannels) {
         const int group = std::min(kGroupChannels, channels - first);
-        const float* rows = vertex_values + first;
-        float* values = values_out + first * num_points_;
-        switch ((group + kLanes - 1) / kLanes) {
-            case 1: slice_group<1>(entries, rows, group, stride, alpha, values); break;
-            case 2: slice_group<2>(entries, rows, group, stride, alpha, values); break;
-            case 3: slice_group<3>(entries, rows, group, stride, alpha, values); break;
-            default: slice_group<4>(entries, rows, group, stride, alpha, values); break;
-        }
+        kSlice[dim_ - 1][(group - 1) / kLanes](entries, vertex_values + first, group, stride, alpha,
+                                              values_out + first * num_points_);
     }
 }
 

@@ -19,6 +19,13 @@ namespace permutohedral {
 
 constexpr int kMaxDim = 8;
 
+// A point's link to one vertex of its simplex: the vertex row (1-based; row 0 is the zero row)
+// and the barycentric weight, side by side since splat and slice read both.
+struct Entry {
+    int32_t row;
+    float weight;
+};
+
 class Lattice {
 public:
     // features: dim planes of num_points floats each (already divided by their standard deviations).
@@ -36,9 +43,8 @@ private:
     int dim_;
     int64_t num_points_;
     int64_t num_vertices_ = 0;
-    // Per (point, simplex vertex r): vertex row (1-based; row 0 is the zero row) and weight.
-    std::unique_ptr<int32_t[]> entry_vertex_;
-    std::unique_ptr<float[]> entry_weight_;
+    // Per point, its d+1 simplex vertices r = 0..d.
+    std::unique_ptr<Entry[]> entries_;
     // For axis j and vertex row v: [(j * (V + 1) + v) * 2 + 0/1] = neighbour row, 0 = missing.
     std::vector<int32_t> blur_neighbours_;
 };
