@@ -9,7 +9,8 @@ OpenMP over the N images capped at N threads), compiled here with Python's own f
 Setting of the dense energy loss: N=2 real photographs (scikit-image's bundled astronaut and
 chelsea, resized), K=21 smooth softmax channels, sigma_rgb 15, sigma_xy 50·H/161, at 161×161 and
 321×321; whole filter calls (lattice build included), median of alternating calls. Memory: peak
-resident growth of one call at N=8, K=21, 224×224 (train_from_init), each filter in a fresh process.
+resident growth of one call at N=8, K=21, 224×224 (train_from_init), each filter in a fresh
+process (Linux: /proc/self/status after resetting the peak through /proc/self/clear_refs).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import argparse
 import ctypes
 import os
 import platform
-import resource
 import subprocess
 import sys
 import sysconfig
@@ -58,12 +58,12 @@ def load_baseline(library: str) -> ctypes.CDLL:
 
 
 def released_filter(released: ctypes.CDLL, images: np.ndarray, values: np.ndarray, sigma_xy: float,
-                    out: np.ndarray) -> np.ndarray:
+                    out: np.ndarray, sigma_rgb: float = SIGMA_RGB) -> np.ndarray:
     """All arrays C-contiguous float32; the result is written into out."""
     pointer = ctypes.POINTER(ctypes.c_float)
     released.released_bilateralfilter_batch(
         images.ctypes.data_as(pointer), values.ctypes.data_as(pointer), out.ctypes.data_as(pointer),
-        *values.shape, SIGMA_RGB, sigma_xy,
+        *values.shape, sigma_rgb, sigma_xy,
     )
     return out
 
@@ -136,7 +136,7 @@ def bench_size(released: ctypes.CDLL, size: int, rounds: int) -> tuple[float, fl
 
 
 MEMORY_SCRIPT = """
-import resource, sys
+import sys
 import numpy as np
 sys.path.insert(0, {here!r})
 import bench_bilateral as bench
@@ -145,12 +145,17 @@ images = bench.photograph_batch(n, size)
 values = bench.softmax_maps(np.random.default_rng(0), n, size)
 out = np.ones_like(values)  # written, so resident before the call
 released = bench.load_baseline({library!r}) if {library!r} else None
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status_kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+with open("/proc/self/clear_refs", "w") as clear:
+    clear.write("5")  # resets the peak resident size (VmHWM) to the current one
+before = status_kib("VmRSS")
 if released:
     bench.released_filter(released, images, values, 50.0, out)
 else:
     bench.our_filter(images, values, 50.0, out)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(status_kib("VmHWM") - before)
 """
 
 

@@ -2,11 +2,11 @@
 
 Modes, each in its own process (so peak RSS is per mode), measured side by side in one run:
 - released: the released computation: fp32, plain convolutions (`plain_convolution()`), mining
-  serial in the training process, the dense-energy filter channel by channel (one-channel
-  `bilateralfilter` calls, lattice rebuilt per channel, as the released DenseCRFLoss does), and
-  the C library's default allocator settings (`--release_memory`);
+  serial in the training process, the released bilateral filter's algorithm for the dense energy
+  (`bench/released_bilateral.cpp`: one lattice per image, one pass per channel), and the C
+  library's default allocator settings (`--release_memory`);
 - ours:     the engine's defaults: fp32, NNPACK fast convolutions, mining pool (one worker per
-  core), one-pass 21-channel filter, freed memory kept (`tool.allocator`);
+  core), our lattice (all 21 channels in one pass), freed memory kept (`tool.allocator`);
 - ours_bf16: ours with --amp bf16 (mining and dense energy stay float32).
 Each mode runs a warm-up step (not timed: pool start-up, allocator, NNPACK init), then
 --repeats timed steps (the fastest is reported). Prints wall and CPU time per stage, peak RSS,
@@ -46,25 +46,22 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def channel_by_channel_filter(images, values, sigma_rgb: float, sigma_xy: float) -> np.ndarray:
-    """The released dense-energy filtering: one one-channel `bilateralfilter` call per image and
-    channel (the lattice is rebuilt every call). Same result as the one-pass filter."""
-    import bilateralfilter
+def released_dense_energy_filter(directory: str):
+    """The dense-energy filter through the released algorithm, compiled into directory."""
     import torch
 
-    as_array = (lambda data: data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else data)
-    images = np.ascontiguousarray(as_array(images), dtype=np.float32)
-    values = np.ascontiguousarray(as_array(values), dtype=np.float32)
-    n, channels, height, width = values.shape
-    filtered = np.empty_like(values)
-    for i in range(n):
-        image = images[i].ravel()
-        for k in range(channels):
-            out = np.empty(height * width, dtype=np.float32)
-            bilateralfilter.bilateralfilter(image, np.ascontiguousarray(values[i, k]).ravel(), out,
-                                            height, width, float(sigma_rgb), float(sigma_xy))
-            filtered[i, k] = out.reshape(height, width)
-    return filtered
+    import bench_bilateral
+
+    released = bench_bilateral.load_baseline(bench_bilateral.build_baseline(directory))
+
+    def bilateral_filter(images, values, sigma_rgb: float, sigma_xy: float) -> np.ndarray:
+        as_array = (lambda data: data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else data)
+        images = np.ascontiguousarray(as_array(images), dtype=np.float32)
+        values = np.ascontiguousarray(as_array(values), dtype=np.float32)
+        return bench_bilateral.released_filter(released, images, values, float(sigma_xy), np.empty_like(values),
+                                               sigma_rgb=float(sigma_rgb))
+
+    return bilateral_filter
 
 
 def children_cpu_seconds() -> float:
@@ -96,8 +93,9 @@ def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int) -> 
             "--batch_size", "2", "--num_workers", "0", "--device", "cpu", *MODES[mode]]
     args = finalize_args(build_parser(train_from_cls_weight.DEFAULTS).parse_args(argv))
     released = mode == "released"
+    baseline_build = tempfile.TemporaryDirectory(prefix="released_filter_")
     if released:
-        tool.dense_energy.bilateral_filter = channel_by_channel_filter
+        tool.dense_energy.bilateral_filter = released_dense_energy_filter(baseline_build.name)
     trainer = Trainer(args, setup_runtime(args), max_step=1000)
     dataset = TrainDatasetScaled(voc_root, crop_size=crop, seed=0)
     batch = default_collate([dataset[(i, 1.0)] for i in range(2)])
@@ -115,6 +113,7 @@ def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int) -> 
                         "cpu_total": sum(result.cpu_timings.values()), "workers_cpu": workers_cpu,
                         "loss": result.terms["total"]}
     trainer.close()
+    baseline_build.cleanup()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {**best, "peak_rss_mib": peak_mib, "threads": torch.get_num_threads(),
             "load": os.getloadavg()[0]}

@@ -469,11 +469,14 @@ void Lattice::filter(const float* values_in, float* values_out, int channels) co
     if (channels < 1) throw std::invalid_argument("number of channels must be >= 1");
     const int stride = (channels + kLanes - 1) / kLanes * kLanes;
     const size_t size = static_cast<size_t>(num_vertices_ + 1) * stride;
-    // Row 0 of both buffers is the zero row that missing neighbours and padding point to.
-    std::vector<float> vertex_values(size, 0.0f), scratch(size, 0.0f);
+    // Splat sums from zero; the blur writes every row of the scratch buffer but row 0, the zero
+    // row that missing neighbours point to.
+    std::vector<float> vertex_values(size, 0.0f);
+    std::unique_ptr<float[]> scratch(new float[size]);
+    std::fill(scratch.get(), scratch.get() + stride, 0.0f);
     splat(values_in, vertex_values.data(), channels, stride);
     float* blurred = nullptr;
-    blur(vertex_values.data(), scratch.data(), stride, &blurred);
+    blur(vertex_values.data(), scratch.get(), stride, &blurred);
     slice(blurred, values_out, channels, stride);
 }
 
