@@ -16,7 +16,6 @@ DEFAULTS = {
     "crop_size": 321,
     "wt_dec": 1e-5,
     "num_workers": 16,
-    "gpu_id": "0",
     "network_defaults": {
         "rrm": {"batch_size": 4, "max_step": 20000, "lr": 0.0007, "session_name": "RRM_"},
         "rrm_attention": {"batch_size": 8, "max_step": 40000, "lr": 0.001, "session_name": "RRM(attention)_"},

@@ -16,18 +16,26 @@ NetOutput = torch.Tensor | tuple[torch.Tensor, ...]
 SegNetOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]
 
 
+def full_precision(tensor: torch.Tensor) -> torch.autocast:
+    """Autocast switched off on the tensor's device: what runs inside stays float32."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def multiscale_cam(cam_at: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                    cam1: torch.Tensor) -> torch.Tensor:
-    """Mean of `cam1` and the CAMs of `x` resized by CAM_SCALES (computed without grad)."""
+    """Mean of `cam1` and the CAMs of `x` resized by CAM_SCALES (computed without grad), in float32
+    also under autocast: mining's 0.1 / 0.8 / quantile thresholds must see float32 values."""
     height, width = x.shape[2], x.shape[3]
-    cams = [cam1]
+    cams = [cam1.float()]
     with torch.no_grad():
         for scale in CAM_SCALES:
             scaled = F.interpolate(x, size=(int(height * scale), int(width * scale)),
                                    mode="bilinear", align_corners=False)
-            cams.append(F.interpolate(cam_at(scaled), size=cam1.shape[2:], mode="bilinear",
-                                      align_corners=False))
-    return sum(cams) / len(cams)
+            cam = cam_at(scaled)
+            with full_precision(cam):
+                cams.append(F.interpolate(cam.float(), size=cam1.shape[2:], mode="bilinear", align_corners=False))
+    with full_precision(cam1):
+        return sum(cams) / len(cams)
 
 
 class Net(resnet38d.Net):
@@ -53,8 +61,10 @@ class Net(resnet38d.Net):
         return self.fc8(pooled).flatten(1)
 
     def cam(self, features: torch.Tensor) -> torch.Tensor:
-        """Class activation maps (B,20,h,w) from the features without dropout."""
-        return F.relu(F.conv2d(features, self.fc8.weight))
+        """Class activation maps (B,20,h,w) from the features without dropout; float32 also under
+        autocast (they feed mining)."""
+        with full_precision(features):
+            return F.relu(F.conv2d(features.float(), self.fc8.weight.float()))
 
     def forward(self, x: torch.Tensor, require_seg: bool = True, require_mcam: bool = True) -> NetOutput:
         """(logits, cam, seg) when both flags are set; cam only; seg only; else logits."""

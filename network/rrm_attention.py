@@ -30,10 +30,13 @@ class Net(rrm.Net):
         batch, _, height, width = features.shape
         query = self.GAU_w1(features).flatten(2).transpose(1, 2)
         key = self.GAU_w2(features).flatten(2)
-        # The released code normalises over dim 1 (the query axis), not the usual last axis.
-        attention = F.softmax(torch.bmm(query, key), dim=1)
         value = self.GAU_w3(features)
-        attended = torch.bmm(value.flatten(2), attention).view(batch, -1, height, width)
+        # float32 also under autocast: fp16 query·key products overflow to inf, then softmax gives NaN.
+        with rrm.full_precision(features):
+            # The released code normalises over dim 1 (the query axis), not the usual last axis.
+            attention = F.softmax(torch.bmm(query.float(), key.float()), dim=1)
+            attended = torch.bmm(value.flatten(2).float(), attention).view(batch, -1, height, width)
+        value = value.to(attended.dtype)
         new_feature = torch.cat([attended, value], dim=1)
         seg2 = self.fc8_seg_conv4(F.relu(self.fc8_seg_conv3(new_feature)))
         old_feature = F.relu(self.fc8_seg_conv1(features))

@@ -242,8 +242,20 @@ def test_amp_modes(weights):
     full = predict_probs(model, image)
     half = predict_probs(model, image, amp="bf16")
     assert half.dtype == torch.float32 and half.shape == (21, 40, 48)
-    # bf16 keeps ~3 significant digits: probabilities agree to a few hundredths
-    torch.testing.assert_close(half, full, atol=0.05, rtol=0)
+
+    def image_dependent_logits(probs: torch.Tensor) -> torch.Tensor:
+        # log-probabilities are logits up to a per-pixel constant; a random model's logits are mostly
+        # an image-independent offset (the softmax is near uniform), so compare only what varies.
+        centred = probs.log() - probs.log().mean(0, keepdim=True)
+        return centred - centred.mean((1, 2), keepdim=True)
+
+    def relative_error(probs: torch.Tensor) -> float:
+        reference = image_dependent_logits(full)
+        return float((image_dependent_logits(probs) - reference).norm() / reference.norm())
+
+    # measured: bf16 0.32; the bf16 output of another image 1.7 (a wrong output cannot pass)
+    assert relative_error(half) <= 0.6
+    assert relative_error(predict_probs(model, torch.randn(1, 3, 40, 48), amp="bf16")) > 1.0
     assert torch.equal(predict_probs(model, image, amp="auto"), half)  # the bare --amp on a CPU is bf16
     with pytest.raises(ValueError, match="--amp fp16 needs a GPU"):
         predict_probs(model, image, amp="fp16")

@@ -1,4 +1,5 @@
 import math
+import os
 
 import numpy as np
 import pytest
@@ -7,6 +8,8 @@ import torch.nn.functional as F
 
 from tool.dense_energy import DenseEnergyLoss
 from tool.losses import bcd_loss, classification_loss, joint_loss, split_cross_entropy
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 BCD_CASES = ("fg_and_bg", "no_bg", "no_fg", "one_image_no_bg")
 
@@ -73,7 +76,7 @@ def _bcd_branch_classes() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("case", BCD_CASES)
 def test_bcd_matches_released_code_vectors(case):
-    data = np.load("tests/data/bcd.npz")
+    data = np.load(os.path.join(DATA, "bcd.npz"))
     value = bcd_loss(torch.from_numpy(data[f"{case}__seg"]), torch.from_numpy(data[f"{case}__feature"]))
     assert math.isclose(value.item(), float(data[f"{case}__expected"]), rel_tol=1e-5)
 
@@ -143,7 +146,7 @@ def test_split_cross_entropy_rejects_mismatched_label():
 
 
 def _joint_inputs():
-    data = np.load("tests/data/joint_loss.npz")
+    data = np.load(os.path.join(DATA, "joint_loss.npz"))
     seg_logits = torch.from_numpy(data["seg_logits"]).requires_grad_()
     return (data, seg_logits, torch.from_numpy(data["pseudo_label"]),
             torch.from_numpy(data["original_images"]), torch.from_numpy(data["roi"]))

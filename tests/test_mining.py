@@ -6,6 +6,8 @@ import pytest
 from tool.crf import training_crf
 from tool.mining import ReliableRegionMiner, _class_thresholds, mine_reliable_regions, normalise_cam
 
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
 MINING_CASES = ("two_blobs", "overlap", "one_class_large", "three")
 
 
@@ -65,7 +67,7 @@ def loop_reference_mining(image: np.ndarray, label: np.ndarray, norm_cam: np.nda
 
 @pytest.mark.parametrize("case", MINING_CASES)
 def test_matches_released_code_vectors(case):
-    data = np.load("tests/data/mining.npz")
+    data = np.load(os.path.join(DATA, "mining.npz"))
     mined = mine_reliable_regions(data[f"{case}__image"], data[f"{case}__label"], data[f"{case}__norm_cam"])
     np.testing.assert_array_equal(mined, data[f"{case}__expected"])
 
@@ -187,7 +189,7 @@ def test_bad_inputs_name_the_problem():
 
 
 def test_worker_pool_equals_serial_and_closes():
-    data = np.load("tests/data/mining.npz")
+    data = np.load(os.path.join(DATA, "mining.npz"))
     images = np.stack([data[f"{c}__image"] for c in MINING_CASES])
     labels = np.stack([data[f"{c}__label"] for c in MINING_CASES])
     labels[1] = 0  # an empty label vector in the batch too

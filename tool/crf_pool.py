@@ -24,8 +24,9 @@ def crf_label_map(image: np.ndarray, probs: np.ndarray, plain_path: str | None =
 
 
 def _start_context() -> multiprocessing.context.BaseContext:
-    # fork starts a worker in milliseconds and the workers never touch torch; spawn elsewhere.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # The pool starts after torch, OpenMP and maybe CUDA are initialised: a fork would copy their
+    # locks and threads mid-state. forkserver forks from a clean server process (spawn elsewhere).
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     return multiprocessing.get_context(method)
 
 

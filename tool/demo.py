@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seg_lr", type=float, default=0.0002, help="base lr of phase 2 (released 0.0007 with SGD)")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default=DEMO_OPTIMIZER,
                        help="adam: AdamW (a random-init classifier learns several times faster); sgd: released")
-    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (released quirk: = weight decay)")
+    train.add_argument("--momentum", type=float, default=None,
+                       help="SGD momentum, with --optimizer sgd only (default: the released quirk, = weight decay)")
     train.add_argument("--densecrfloss", type=float, default=DEMO_DENSE_ENERGY_WEIGHT,
                        help="dense energy weight (released 1e-7 at crop 321; the energy sums over pixel pairs, "
                             "~160x fewer at crop 80, so the demo scales the weight by that)")
@@ -124,11 +125,12 @@ def training_argv(args: argparse.Namespace, data_root: str, run_dir: str) -> lis
             "--crop_size", str(args.crop_size), "--batch_size", str(args.batch_size), "--max_step", str(args.max_step),
             "--cls_steps", str(args.cls_steps),
             "--lr", str(args.lr), "--seg_lr", str(args.seg_lr), "--optimizer", args.optimizer,
-            "--densecrfloss", str(args.densecrfloss),
-            "--momentum", str(args.momentum), "--seed", str(args.seed),
+            "--densecrfloss", str(args.densecrfloss), "--seed", str(args.seed),
             "--num_workers", str(args.num_workers), "--device", "cpu", "--save_dir", run_dir,
             "--session_name", "demo_", "--log_every", str(max(1, args.max_step // 10)),
             "--save_every", str(args.max_step)]
+    if args.momentum is not None:
+        argv += ["--momentum", str(args.momentum)]
     if args.mining_workers is not None:
         argv += ["--mining_workers", str(args.mining_workers)]
     if args.no_progress:

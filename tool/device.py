@@ -7,11 +7,38 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import os
 
 import torch
 
 AMP_MODES: tuple[str, ...] = ("none", "bf16", "fp16")
 AMP_AUTO = "auto"  # what a bare `--amp` stands for
+
+
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def usable_cpu_count(cgroup_cpu_max: str = CGROUP_CPU_MAX) -> int:
+    """Cores this process may use: its CPU affinity (cpusets included) and a cgroup v2 CPU quota,
+    which `os.cpu_count()` both ignore."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        with open(cgroup_cpu_max) as handle:
+            quota, period = handle.read().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def cores_per_process() -> int:
+    """The usable cores shared among the training processes of this node (torchrun's LOCAL_WORLD_SIZE)."""
+    return max(1, usable_cpu_count() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def add_device_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, amp: bool = True) -> None:

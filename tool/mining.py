@@ -7,6 +7,7 @@ from typing import Iterator
 import numpy as np
 
 from tool.crf import TRAINING_CRF_PARAMS, dense_crf_same_image
+from tool.device import cores_per_process
 from voc12.lists import IGNORE_LABEL, NUM_CLASSES
 
 CAM_FLOOR = 0.1          # CAM values at or below this never set a class threshold
@@ -126,13 +127,14 @@ def _single_thread_environment() -> Iterator[None]:
 class ReliableRegionMiner:
     """Mines a batch of pseudo labels in a persistent pool of worker processes.
 
-    workers: None = os.cpu_count(), 0 = in-process. Workers are spawned (not forked), so a parent
-    that already runs torch/OpenMP threads cannot deadlock them.
+    workers: None = this process's share of the node's usable cores (`cores_per_process`: affinity,
+    cgroup quota, divided among torchrun's local processes), 0 = in-process. Workers are spawned (not
+    forked), so a parent that already runs torch/OpenMP threads cannot deadlock them.
     """
 
     def __init__(self, workers: int | None = None) -> None:
         if workers is None:
-            workers = os.cpu_count() or 1
+            workers = cores_per_process()
         if not isinstance(workers, int) or workers < 0:
             raise ValueError(f"ReliableRegionMiner: mining_workers must be an int >= 0, got {workers!r}")
         self.workers = workers

@@ -38,15 +38,19 @@ class LearningRateSchedule:
     """lr of every group before update t (t = updates already made), or None = leave lrs unchanged."""
 
     def __init__(self, kind: str, initial_lrs: Sequence[float], max_step: int, cls_steps: float | None = None,
-                 seg_lr: float = SECOND_PHASE_LR) -> None:
+                 seg_lr: float | None = None) -> None:
         """two_phase: phase 1 = the first `cls_steps` updates (default max_step / 2, as released), phase 2
-        at base lr `seg_lr` (released 0.0007) for the rest; each phase has its own poly decay."""
+        at base lr `seg_lr` (default: the released 0.0007) for the rest; each phase has its own poly
+        decay. poly takes neither."""
         if kind not in SCHEDULES:
             raise ValueError(f"unknown schedule {kind!r}; valid: {', '.join(SCHEDULES)}")
         if max_step < 1:
             raise ValueError(f"max_step must be >= 1, got {max_step}")
         if cls_steps is not None and not 0 < cls_steps < max_step:
             raise ValueError(f"--cls_steps must be in 1..max_step-1 = {max_step - 1}, got {cls_steps}")
+        if kind == "poly" and (cls_steps is not None or seg_lr is not None):
+            raise ValueError("--cls_steps and --seg_lr need the two_phase schedule, not poly")
+        seg_lr = SECOND_PHASE_LR if seg_lr is None else seg_lr
         if seg_lr <= 0:
             raise ValueError(f"--seg_lr must be positive, got {seg_lr}")
         self.kind = kind
