@@ -79,7 +79,7 @@ def children_cpu_seconds() -> float:
     return total / CLOCK_TICKS
 
 
-def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int) -> dict:
+def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int, device: str = "cpu") -> dict:
     import torch
     from torch.utils.data import default_collate
 
@@ -90,7 +90,7 @@ def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int) -> 
     from voc12.data import TrainDatasetScaled
 
     argv = ["--voc12_root", voc_root, "--weights", "none", "--width", str(width), "--crop_size", str(crop),
-            "--batch_size", "2", "--num_workers", "0", "--device", "cpu", *MODES[mode]]
+            "--batch_size", "2", "--num_workers", "0", "--device", device, *MODES[mode]]
     args = finalize_args(build_parser(train_from_cls_weight.DEFAULTS).parse_args(argv))
     released = mode == "released"
     baseline_build = tempfile.TemporaryDirectory(prefix="released_filter_")
@@ -128,14 +128,17 @@ def main() -> None:
     parser.add_argument("--modes", default=None,
                         help=f"comma-separated, of {', '.join(MODES)} (default: all; ours_bf16 only on a "
                              "CPU with native bf16)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (bf16 modes: on CUDA too)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--voc_root", default=None, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
-        print(json.dumps(measure(options.child, options.voc_root, options.width, options.crop, options.repeats)))
+        print(json.dumps(measure(options.child, options.voc_root, options.width, options.crop, options.repeats,
+                                 options.device)))
         return
     if options.modes is None:
-        options.modes = ",".join(m for m in MODES if m != "ours_bf16" or cpu_has_native_bf16())
+        options.modes = ",".join(m for m in MODES if m != "ours_bf16" or options.device != "cpu"
+                                 or cpu_has_native_bf16())
     modes = options.modes.split(",")
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
@@ -151,12 +154,12 @@ def main() -> None:
         for mode in modes:
             completed = subprocess.run([sys.executable, __file__, "--child", mode, "--voc_root", voc_root,
                                         "--width", str(options.width), "--crop", str(options.crop),
-                                        "--repeats", str(options.repeats)],
+                                        "--repeats", str(options.repeats), "--device", options.device],
                                        capture_output=True, text=True, check=True)
             results[mode] = json.loads(completed.stdout.strip().splitlines()[-1])
             print(f"{mode}: {json.dumps(results[mode])}", flush=True)
     first = results[modes[0]]
-    print(f"\ntrain step: width {options.width}, batch 2, crop {options.crop}, CPU ({first['threads']} torch "
+    print(f"\ntrain step: width {options.width}, batch 2, crop {options.crop}, {options.device} ({first['threads']} torch "
           f"threads, {os.cpu_count()} cores); warm-up excluded, best of {options.repeats}; "
           f"{time.time() - started:.0f} s in all; load average at end: "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tool.cli import run_cli
+from tool.cli import inputs_checked, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +26,22 @@ def test_bad_input_exits_with_the_message():
     assert info.value.code == "tool.evaluate: error: --scales must be positive"
     with pytest.raises(RuntimeError, match="a bug"):
         run_cli("prog", fail_with, RuntimeError("a bug"))
+
+
+def checked_then_fail_with(error):
+    inputs_checked()
+    raise error
+
+
+def test_errors_after_the_inputs_are_checked_keep_their_traceback():
+    # A ValueError at update 15,000 is a bug or a data fault to debug, not a bad flag.
+    with pytest.raises(ValueError, match="nan in the loss"):
+        run_cli("prog", checked_then_fail_with, ValueError("nan in the loss"))
+    with pytest.raises(FileNotFoundError, match="image 2007_000032.jpg vanished"):
+        run_cli("prog", checked_then_fail_with, FileNotFoundError("image 2007_000032.jpg vanished"))
+    with pytest.raises(SystemExit) as info:  # the next run starts in the input phase again
+        run_cli("prog", fail_with, ValueError("--scales must be positive"))
+    assert info.value.code == "prog: error: --scales must be positive"
 
 
 def test_training_script_reports_a_missing_root(tmp_path):

@@ -276,3 +276,15 @@ def test_missing_and_mismatched_masks(copy_root):
     Image.new("RGB", (5, 5)).save(mask_path)
     with pytest.raises(ValueError, match="val_000000.png has mode RGB"):
         EvalDataset(copy_root)[0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_images_are_decoded_before_training(voc_root, tmp_path, workers):
+    root = tmp_path / "VOC2012"
+    shutil.copytree(voc_root, root)
+    dataset = TrainDatasetScaled(str(root), crop_size=64)
+    dataset.check_images(workers)  # all good
+    broken = root / "JPEGImages" / f"{dataset.ids[3]}.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated mid-scan
+    with pytest.raises(ValueError, match=f"1 image\\(s\\) of .* cannot be decoded, first: cannot decode image {broken}"):
+        dataset.check_images(workers)

@@ -1,4 +1,5 @@
 """Training engine pieces: step-indexed batches, checkpoints, CAM -> pseudo label, one Trainer, errors."""
+import json
 import os
 import random
 
@@ -11,7 +12,8 @@ import train_from_cls_weight
 import train_from_init
 from tool.checkpoint import (atomic_save, capture_rng_state, load_resume_checkpoint, restore_rng_state,
                              save_model_weights)
-from tool.engine import Trainer, build_parser, finalize_args, mine_pseudo_labels, run_training, setup_runtime
+from tool.cli import run_cli
+from tool.engine import RunLog, Trainer, build_parser, finalize_args, mine_pseudo_labels, run_training, setup_runtime
 from tool.mining import ReliableRegionMiner, mine_reliable_regions
 from tool.train_batches import PositionSeededDataset, StepBatchSampler
 from voc12.data import TrainDatasetScaled
@@ -234,3 +236,125 @@ def test_adam_and_trainable_batchnorm_flags_reach_the_trainer_and_the_resume_che
     with pytest.raises(ValueError, match="optimizer: checkpoint 'adam' vs now 'sgd'; train_bn: checkpoint True vs now False"):
         run_training(tiny_args(train_from_init, voc_root, tmp_path, "--max_step", "2", "--lr", "0.001",
                                "--session_name", "adam_", "--resume", result.resume_checkpoint))
+
+
+# ---- resume: exact continuation, refused changes, logs, cleanup, error lines -----------------
+
+def assert_identical(a, b, where="checkpoint"):
+    """Exact equality of nested checkpoint content: tensors bit for bit (and dtype), values by ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def crash_at(monkeypatch, step, error):
+    real_step = Trainer.step
+
+    def step_or_crash(self, batch, t, timed=False):
+        if t == step:
+            raise error
+        return real_step(self, batch, t, timed)
+
+    monkeypatch.setattr(Trainer, "step", step_or_crash)
+
+
+def read_logs(save_dir, session):
+    with open(os.path.join(save_dir, f"{session}metrics.jsonl")) as handle:
+        metrics = [json.loads(line) for line in handle]
+    with open(os.path.join(save_dir, f"{session}.log")) as handle:
+        iters = [int(line[5:10]) for line in handle if line.startswith("Iter:")]
+    return [{k: v for k, v in record.items() if k != "time"} for record in metrics], iters
+
+
+@pytest.mark.parametrize("script", [train_from_init, train_from_cls_weight])
+def test_a_crashed_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(voc_root, tmp_path, monkeypatch,
+                                                                            script):
+    argv = ["--max_step", "4", "--seed", "7", "--log_every", "1", "--save_every", "2", "--session_name", "s_"]
+    straight_dir, split_dir = tmp_path / "straight", tmp_path / "split"
+    straight = run_training(tiny_args(script, voc_root, straight_dir, *argv))
+    # Killed during update 3: the last checkpoint is at 2, the logs already hold update 2.
+    crash_at(monkeypatch, 3, RuntimeError("killed"))
+    with pytest.raises(RuntimeError, match="killed"):
+        run_training(tiny_args(script, voc_root, split_dir, *argv))
+    monkeypatch.undo()
+    assert load_resume_checkpoint(str(split_dir / "s_resume.pt"))["step"] == 2
+    resumed = run_training(tiny_args(script, voc_root, split_dir, *argv, "--resume", str(split_dir / "s_resume.pt")))
+    assert resumed.steps_done == straight.steps_done
+    # Model, optimiser, every RNG state, data position, run settings: all equal, bit for bit.
+    assert_identical(load_resume_checkpoint(straight.resume_checkpoint),
+                     load_resume_checkpoint(resumed.resume_checkpoint))
+    assert_identical(torch.load(straight.final_weights, weights_only=True),
+                     torch.load(resumed.final_weights, weights_only=True))
+    # Each update is logged once, with the same values as the uninterrupted run.
+    straight_metrics, straight_iters = read_logs(straight_dir, "s_")
+    resumed_metrics, resumed_iters = read_logs(split_dir, "s_")
+    assert [r["step"] for r in resumed_metrics] == list(range(straight.steps_done))
+    assert resumed_metrics == straight_metrics
+    assert resumed_iters == straight_iters == list(range(straight.steps_done))
+
+
+def test_resume_drops_only_the_redone_lines_of_the_interrupted_run(tmp_path):
+    path = tmp_path / "s_.log"
+    earlier_run = ["{}", "Iter:    0/    9 a", "Iter:    5/    9 a", "finished 10 updates; weights: x"]
+    interrupted = ["{}", "Iter:    0/    9 b", "Iter:    2/    9 b", "{}", "Iter:    4/    9 b", "Iter:    6/    9 b"]
+    path.write_text("\n".join(earlier_run + interrupted) + "\n")
+    RunLog._drop_redone(str(path), 4, RunLog._text_step, keep_unstepped=True)
+    assert path.read_text().splitlines() == earlier_run + interrupted[:4]
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"st')  # torn by the crash
+    RunLog._drop_redone(str(metrics), 2, RunLog._metrics_step, keep_unstepped=False)
+    assert metrics.read_text() == '{"step": 0}\n{"step": 1}\n'
+
+
+def test_resume_refuses_every_weight_changing_flag_in_one_error_and_closes_the_trainer(voc_root, tmp_path,
+                                                                                        monkeypatch):
+    argv = ["--max_step", "3", "--session_name", "m_"]
+    first = run_training(tiny_args(train_from_cls_weight, voc_root, tmp_path, *argv), stop_after=1)
+    closed = []
+    real_close = Trainer.close
+    monkeypatch.setattr(Trainer, "close", lambda self: (closed.append(self), real_close(self)))
+    changed = {"lr": "0.01", "wt_dec": "0.001", "momentum": "0.5", "densecrfloss": "0", "sigma-rgb": "10",
+               "sigma-xy": "50", "rloss-scale": "0.25", "dropout_scale": "0.5", "width": "0.125", "amp": "bf16",
+               "weights": "other.pth", "network": "network.RRM(attention)", "seed": "3", "crop_size": "48"}
+    args = tiny_args(train_from_cls_weight, voc_root, tmp_path, *argv, "--resume", first.resume_checkpoint,
+                     "--train_bn", *[item for flag, value in changed.items() for item in (f"--{flag}", value)])
+    args.batch_order, args.augmentation, args.updates_past_max_step = "epochs", "init", 0  # the recipe's own
+    with pytest.raises(ValueError, match="was written by a different run: ") as info:
+        run_training(args)
+    listed = {part.split(":")[0] for part in str(info.value).split("different run: ")[1].split("; ")}
+    assert listed == {flag.replace("-", "_") for flag in changed} | {"train_bn", "batch_order", "augmentation",
+                                                                     "updates_past_max_step"}
+    assert "momentum: checkpoint None vs now 0.5" in str(info.value)
+    assert len(closed) == 1  # the trainer (and its mining pool) built before the refusal was closed
+
+
+def test_resume_accepts_flags_that_cannot_change_the_weights(voc_root, tmp_path):
+    argv = ["--max_step", "3", "--session_name", "h_"]
+    first = run_training(tiny_args(train_from_cls_weight, voc_root, tmp_path, *argv), stop_after=1)
+    harmless = ["--log_every", "7", "--save_every", "5", "--no_progress", "--num_workers", "1", "--mining_workers",
+                "1", "--release_memory"] + ([] if torch.cuda.is_available() else ["--device", "auto"])
+    resumed = run_training(tiny_args(train_from_cls_weight, voc_root, tmp_path, *argv, *harmless,
+                                     "--resume", first.resume_checkpoint))
+    assert resumed.steps_done == 4
+
+
+def test_only_errors_before_training_become_one_line(voc_root, tmp_path, monkeypatch):
+    argv = ["--max_step", "2", "--session_name", "e_"]
+    first = run_training(tiny_args(train_from_init, voc_root, tmp_path, *argv), stop_after=1)
+    with pytest.raises(SystemExit) as info:
+        run_cli("train_from_init.py", run_training, tiny_args(train_from_init, voc_root, tmp_path, *argv, "--seed",
+                                                              "1", "--resume", first.resume_checkpoint))
+    assert info.value.code.startswith("train_from_init.py: error: --resume ") and "seed: checkpoint 0 vs now 1" in \
+        info.value.code
+    crash_at(monkeypatch, 0, ValueError("a bad value at update 0"))
+    with pytest.raises(ValueError, match="a bad value at update 0"):  # the traceback stays
+        run_cli("train_from_init.py", run_training, tiny_args(train_from_init, voc_root, tmp_path, *argv))

@@ -109,3 +109,4 @@ def test_workers_default_to_this_process_share_of_the_cores(monkeypatch):
 
 def test_crf_pool_never_forks_the_initialised_parent():
     assert crf_pool._start_context().get_start_method() in ("forkserver", "spawn")
+

@@ -1,8 +1,12 @@
 """tool/weights.py: MXNet .params reader, SPEC §2 name mapping, strict .pth/.params loading."""
 from __future__ import annotations
 
+import io
 import logging
+import os
+import random
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +15,14 @@ import torch
 
 from network import resnet38d, rrm, rrm_attention
 from test_networks import expected_backbone_shapes
-from tool.weights import load_weights, mxnet_name_to_resnet38, mxnet_to_resnet38, read_mxnet_params
+from tool.weights import (load_weights, mxnet_name_to_resnet38, mxnet_to_resnet38, read_mxnet_params,
+                          read_state_dict)
 
 SMALL = 0.0625
+# Files written by real mxnet 1.9.1 (see data/mxnet/README.md), found from any working directory.
+MXNET_DATA = Path(os.path.dirname(__file__)) / "data" / "mxnet"
+MXNET_FIXTURES = {"dtypes": "dtypes_expected.npz", "np_style": "np_style_expected.npz",
+                  "list": "list_expected.npz", "extra_sparse": "extra_sparse_expected_dense.npz"}
 MAGICS = {"v1": 0xF993FAC8, "v2": 0xF993FAC9, "v3": 0xF993FACA}
 DTYPE_FLAGS = {0: np.float32, 1: np.float64, 2: np.float16, 3: np.uint8, 4: np.int32,
                5: np.int8, 6: np.int64, 7: np.bool_}
@@ -101,18 +110,64 @@ def test_reader_errors_name_the_file(tmp_path):
         read_mxnet_params(tmp_path / "absent.params")
 
 
-def test_reader_rejects_unknown_dtype_sparse_storage_and_name_count(tmp_path):
+def test_reader_rejects_unknown_dtype_storage_and_name_count(tmp_path):
     arrays = sample_arrays(0)
     with pytest.raises(ValueError, match=r"bad\.params: array 0 has unknown dtype flag 12"):
         read_mxnet_params(write_params(tmp_path / "bad.params", arrays, "v2", type_flags=[12, 0]))
-    with pytest.raises(ValueError, match=r"sparse\.params: array 0 uses sparse storage type 1"):
-        read_mxnet_params(write_params(tmp_path / "sparse.params", arrays, "v2", storage_type=1))
+    with pytest.raises(ValueError, match=r"storage\.params: array 0 has unknown storage type 3"):
+        read_mxnet_params(write_params(tmp_path / "storage.params", arrays, "v2", storage_type=3))
     names = write_params(tmp_path / "names.params", arrays, "v1")
     data = names.read_bytes()
-    one_name = len("aux:bn7_moving_var") + 8
-    names.write_bytes(data[:-one_name - len("arg:res2a_branch1_weight") - 16] + struct.pack("<Q", 0))
-    with pytest.raises(ValueError, match=r"names\.params: MXNet \.params file has 2 arrays but 0 names"):
+    first, second = arrays
+    # Keep the first name only: 2 arrays, 1 name (0 names would be a valid list file).
+    names.write_bytes(data[:-len(second) - len(first) - 24] + struct.pack("<QQ", 1, len(first)) + first.encode())
+    with pytest.raises(ValueError, match=r"names\.params: MXNet \.params file has 2 arrays but 1 names"):
         read_mxnet_params(names)
+
+
+@pytest.mark.parametrize("name", sorted(MXNET_FIXTURES))
+def test_reader_matches_mxnet_written_files(name):
+    loaded = read_mxnet_params(MXNET_DATA / f"{name}.params")
+    with np.load(MXNET_DATA / MXNET_FIXTURES[name]) as expected_file:
+        expected = {key: expected_file[key] for key in expected_file.files}
+    assert list(loaded) == list(expected)
+    for key, array in expected.items():
+        assert (loaded[key].dtype, loaded[key].shape) == (array.dtype, array.shape), key
+        assert loaded[key].tobytes() == array.tobytes(), key  # bit for bit: NaN payloads, -0.0
+        if array.dtype.kind == "f":
+            np.testing.assert_array_equal(np.isnan(loaded[key]), np.isnan(array))
+    # The cases these files exist for are really in them, so the checks above are not vacuous.
+    special = {"dtypes": lambda: np.isnan(loaded["aux:special_f32"]).sum() == 1,
+               "np_style": lambda: loaded["arg:np_scalar0d_f32"].shape == (),
+               "list": lambda: list(loaded) == [str(position) for position in range(6)],
+               "extra_sparse": lambda: np.count_nonzero(loaded["arg:w_csr"]) == 3}
+    assert special[name]()
+
+
+# Offsets of index entries in extra_sparse.params: csr (storage type 2) first, then row_sparse (1).
+CSR_FIRST_COLUMN = 24 + 4 + 4 + 12 + 20 + 8 + 4 + 2 * 16 + 3 * 4 + 5 * 8
+RSP_LAST_ROW = 0xB8 + 4 + 4 + 20 + 20 + 8 + 4 + 16 + 15 * 4 + 2 * 8
+
+
+@pytest.mark.parametrize("offset, value, reason", [
+    (CSR_FIRST_COLUMN, 5, r"array 0 \(csr, shape \(4, 5\)\) is not a valid sparse array: column indices \[5, 3, 0\]"),
+    (RSP_LAST_ROW, 4, r"array 1 \(row_sparse, shape \(4, 5\)\) is not a valid sparse array: row indices \[0, 2, 4\]"),
+    (0x1C, 7, r"array 0 has unknown storage type 7"),
+])
+def test_reader_rejects_invalid_sparse_arrays(tmp_path, offset, value, reason):
+    data = bytearray((MXNET_DATA / "extra_sparse.params").read_bytes())
+    size = 4 if offset == 0x1C else 8
+    assert int.from_bytes(data[offset:offset + size], "little") in (1, 2, 3)  # the entry the offset names
+    data[offset:offset + size] = value.to_bytes(size, "little")
+    (tmp_path / "sparse.params").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"sparse\.params: " + reason):
+        read_mxnet_params(tmp_path / "sparse.params")
+
+
+def test_list_params_cannot_load_as_weights():
+    with pytest.raises(ValueError, match=r"list\.params: MXNet \.params file was saved from a list and has "
+                                         r"no parameter names"):
+        load_weights(resnet38d.Net(width=SMALL), MXNET_DATA / "list.params")
 
 
 def mxnet_names_of(torch_key: str) -> str:
@@ -274,3 +329,91 @@ def test_file_errors(tmp_path):
     (tmp_path / "text.pth").write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"text\.pth: cannot read as a PyTorch checkpoint"):
         load_weights(model, tmp_path / "text.pth")
+
+
+def test_shape_mismatches_list_the_first_ten(tmp_path):
+    narrow = resnet38d.Net(width=SMALL).state_dict()
+    torch.save(narrow, tmp_path / "narrow.pth")
+    wide = resnet38d.Net(width=0.125)
+    count = sum(narrow[key].shape != value.shape for key, value in wide.state_dict().items())
+    assert count > 100
+    with pytest.raises(ValueError) as raised:
+        load_weights(wide, tmp_path / "narrow.pth")
+    message = str(raised.value)
+    assert message.count(" vs model ") == 10
+    assert message.endswith(f"'] ... and {count - 10} more")
+    assert "shape mismatches: ['b2.bn_branch2a.bias: file (4,) vs model (8,)'" in message
+
+
+def garbage_variants(seed: int) -> list[tuple[str, str, bytes]]:
+    """(label, suffix, bytes) of files no loader can read: seeded random, truncated, mutated, foreign."""
+    rng = random.Random(seed)
+    small_params = (MXNET_DATA / "list.params").read_bytes()
+    sparse_params = (MXNET_DATA / "extra_sparse.params").read_bytes()
+    checkpoints = []
+    for zipped in (True, False):
+        buffer = io.BytesIO()
+        torch.save({"conv1a.weight": torch.ones(2, 3), "bn7.weight": torch.arange(4)}, buffer,
+                   _use_new_zipfile_serialization=zipped)
+        checkpoints.append(buffer.getvalue())
+    zipped_pth = checkpoints[0]
+    variants = [(f"{source} cut to {cut}", ".params", data[:cut])
+                for source, data in (("list.params", small_params), ("extra_sparse.params", sparse_params))
+                for cut in range(len(data))]
+    variants += [(f"checkpoint {kind} cut to {cut}", ".pth", data[:cut])
+                 for kind, data in zip(("zip", "legacy"), checkpoints) for cut in range(0, len(data), 3)]
+    for suffix in (".params", ".pth"):
+        variants += [(f"random {index}", suffix, rng.randbytes(rng.randrange(1, 300))) for index in range(150)]
+        variants += [(f"text {text!r}", suffix, text) for text in (b"", b"e", b"hello", b"{}", b"not weights\n")]
+    # Random bytes behind a valid start reach deeper into each parser.
+    variants += [(f"header + random {index}", ".params", small_params[:rng.randrange(24, 40)]
+                  + rng.randbytes(rng.randrange(0, 120))) for index in range(150)]
+    variants += [(f"zip magic + random {index}", ".pth", b"PK\x03\x04" + rng.randbytes(rng.randrange(0, 200)))
+                 for index in range(100)]
+    # Mutated files may still parse; their names fit no model, so loading fails all the same.
+    for source, suffix, data in (("list.params", ".params", small_params),
+                                 ("extra_sparse.params", ".params", sparse_params),
+                                 ("zip checkpoint", ".pth", zipped_pth), ("legacy checkpoint", ".pth", checkpoints[1])):
+        for index in range(100):
+            mutated = bytearray(data)
+            for _ in range(rng.randrange(1, 4)):
+                mutated[rng.randrange(len(mutated))] = rng.getrandbits(8)
+            variants.append((f"{source} mutated {index}", suffix, bytes(mutated)))
+    for members in ({"notes.txt": b"hello"}, {"archive/data.pkl": b"garbage"},
+                    {"archive/data.pkl": rng.randbytes(64), "archive/version": b"3\n"}):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for member, content in members.items():
+                archive.writestr(member, content)
+        variants.append((f"zip of {sorted(members)}", ".pth", buffer.getvalue()))
+    with zipfile.ZipFile(io.BytesIO(zipped_pth)) as source, zipfile.ZipFile(buffer := io.BytesIO(), "w") as target:
+        for member in source.namelist():
+            if "/data/" not in member:  # a checkpoint whose tensor storages are missing
+                target.writestr(member, source.read(member))
+    variants.append(("checkpoint without storages", ".pth", buffer.getvalue()))
+    return variants
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch warns about garbage protocol bytes
+def test_unreadable_files_raise_one_value_error_naming_the_file(tmp_path):
+    model = resnet38d.Net(width=SMALL)
+    failures = []
+    variants = garbage_variants(seed=0)
+    assert len(variants) > 2000
+    for label, suffix, data in variants:
+        path = tmp_path / f"garbage{suffix}"
+        path.write_bytes(data)
+        try:
+            load_weights(model, path)
+        except ValueError as error:
+            if str(path) not in str(error):
+                failures.append(f"{label}{suffix}: message lacks the path: {error}")
+        except Exception as error:  # noqa: BLE001 - any other type is the failure under test
+            failures.append(f"{label}{suffix}: {type(error).__name__}: {error}")
+        else:
+            failures.append(f"{label}{suffix}: loaded")
+    assert not failures, f"{len(failures)} of {len(variants)} failed, e.g. {failures[:5]}"
+    for reader, suffix in ((read_mxnet_params, ".params"), (read_state_dict, ".pth")):
+        (tmp_path / f"text{suffix}").write_text("e is not a weights file\n")
+        with pytest.raises(ValueError, match=rf"text\{suffix}: "):
+            reader(tmp_path / f"text{suffix}")

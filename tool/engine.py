@@ -8,9 +8,11 @@ update; devices (CPU, CUDA, DataParallel, DDP under torchrun), AMP, logs and che
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -24,10 +26,11 @@ from tqdm import tqdm
 
 from network import build_segnet, resolve_network
 from tool.allocator import add_memory_argument, apply_memory_choice
-from tool.checkpoint import (capture_rng_state, load_resume_checkpoint, restore_rng_state, save_model_weights,
-                             save_resume_checkpoint, unwrap_model)
+from tool.checkpoint import (atomic_write_text, capture_rng_state, load_resume_checkpoint, restore_rng_state,
+                             save_model_weights, save_resume_checkpoint, unwrap_model)
+from tool.cli import inputs_checked
 from tool.dense_energy import DenseEnergyLoss
-from tool.device import add_device_arguments, autocast_context, pick_device, resolve_amp
+from tool.device import add_device_arguments, autocast_context, cores_per_process, pick_device, resolve_amp
 from tool.losses import classification_loss, joint_loss
 from tool.mining import ReliableRegionMiner, normalise_cam
 from tool.schedule import OPTIMIZERS, SECOND_PHASE_LR, LearningRateSchedule, build_optimizer
@@ -39,9 +42,21 @@ from voc12.lists import default_cls_labels_path, default_list_path
 # Released-style weight files: `<session>N.pth` every 2,000 steps once more than 10,000 are done.
 WEIGHTS_EVERY = 2000
 WEIGHTS_AFTER = 10000
-# What a resumed run must share with the run that wrote the checkpoint.
-RESUME_MUST_MATCH = ("network", "width", "batch_size", "max_step", "seed", "schedule", "crop_size", "train_list",
-                     "cls_steps", "seg_lr", "optimizer", "train_bn")
+# A resumed run must share every parsed flag with the run that wrote the checkpoint (a new flag is
+# checked by default), except these, which cannot change the weights:
+RESUME_MAY_DIFFER = frozenset({
+    "resume",  # which checkpoint to continue from
+    "save_dir", "session_name", "save_every", "log_every", "no_progress",  # where and how often files and logs go
+    # Items are seeded by their position and the loader has its own generator; mining is deterministic.
+    "num_workers", "released_num_workers", "mining_workers",
+    "release_memory",  # allocator caching only
+    # Which GPU (same kernels); the device type that does change results is compared as `device`.
+    "gpu_id",
+    "val_list",  # unused: the released classification validation is disabled
+    "IMpath",  # must be <voc12_root>/JPEGImages, and voc12_root is compared
+    "max_epoches",  # only gives max_step, which is compared as resolved
+    "network_defaults",  # the recipe table; the values it gave (lr, batch_size, ...) are compared
+})
 
 ModelFactory = Callable[[str, float], torch.nn.Module]
 
@@ -65,7 +80,12 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
                       help="JPEG folder; must be <voc12_root>/JPEGImages (its parent is the default voc12_root)")
     data.add_argument("--cls_labels", default=None, help="class labels .npy (default <voc12_root>/cls_labels.npy)")
     data.add_argument("--crop_size", type=int, default=448)
-    data.add_argument("--num_workers", type=int, default=8, help="DataLoader worker processes (per process)")
+    data.add_argument("--random_resize", action="store_true",
+                      help="init augmentation (train_from_init.py): apply the random long-side resize 256-512 that "
+                           "the released code computes but never applies (not released)")
+    data.add_argument("--num_workers", type=int, default=None,
+                      help="DataLoader worker processes per training process (default: the script's released "
+                           "count, at most this process's share of the usable cores)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--network", default="network.RRM", help="network.RRM or network.RRM(attention)")
@@ -85,26 +105,31 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
     optim.add_argument("--lr", type=float, default=None)
     optim.add_argument("--cls_steps", type=int, default=None,
                        help="two_phase schedule: updates of phase 1 (classification only); default max_step / 2 as released")
-    optim.add_argument("--seg_lr", type=float, default=SECOND_PHASE_LR,
-                       help="two_phase schedule: base lr of phase 2 (joint RRM training), every group")
+    optim.add_argument("--seg_lr", type=float, default=None,
+                       help=f"two_phase schedule: base lr of phase 2 (joint RRM training), every group "
+                            f"(default {SECOND_PHASE_LR})")
     optim.add_argument("--wt_dec", type=float, default=5e-4)
     optim.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                        help="sgd (released) or adam (AdamW, same groups and lrs; not released: trains a "
                             "randomly initialised network several times faster)")
     optim.add_argument("--momentum", type=float, default=None,
-                       help="SGD momentum; default: the released quirk (momentum = --wt_dec)")
+                       help="SGD momentum (sgd only); default: the released quirk (momentum = --wt_dec)")
     optim.add_argument("--densecrfloss", type=float, default=1e-7, help="dense energy loss weight (0 = off)")
     optim.add_argument("--rloss-scale", dest="rloss_scale", type=float, default=0.5)
     optim.add_argument("--sigma-rgb", dest="sigma_rgb", type=float, default=15.0)
     optim.add_argument("--sigma-xy", dest="sigma_xy", type=float, default=100.0)
     optim.add_argument("--mining_workers", type=int, default=None,
-                       help="processes mining pseudo labels (per training process; 0 = in-process; default: cores)")
+                       help="processes mining pseudo labels per training process (0 = in-process; default: this "
+                            "process's share of the usable cores: affinity and cgroup quota over torchrun's local "
+                            "processes)")
     optim.add_argument("--seed", type=int, default=0)
 
     device = parser.add_argument_group("device")
     add_device_arguments(device)
     add_memory_argument(device)
-    device.add_argument("--gpu_id", default=None, help="sets CUDA_VISIBLE_DEVICES as released (not under torchrun)")
+    device.add_argument("--gpu_id", default=None,
+                        help="sets CUDA_VISIBLE_DEVICES for this run as released (default: leave it as it is; "
+                             "not under torchrun, which assigns GPUs by LOCAL_RANK)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--session_name", default=None, help="prefix of every written file")
@@ -114,7 +139,10 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
     output.add_argument("--no_progress", action="store_true", help="no tqdm bar (the log lines stay)")
     output.add_argument("--resume", default=None, help="resume checkpoint <save_dir>/<session>resume.pt to continue")
 
-    parser.set_defaults(**script_defaults)
+    # The script's DataLoader count is the released one; finalize_args caps it by the usable cores.
+    recipe = dict(script_defaults)
+    recipe["released_num_workers"] = recipe.pop("num_workers", 8)
+    parser.set_defaults(**recipe)
     return parser
 
 
@@ -143,12 +171,25 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_step is not None and args.max_step < 1:
         raise ValueError(f"--max_step must be >= 1, got {args.max_step}")
-    if args.cls_steps is not None and args.schedule != "two_phase":
-        raise ValueError(f"--cls_steps needs the two_phase schedule (train_from_init.py), not {args.schedule}")
+    # A flag the recipe would ignore is an error, not a silent no-op.
+    for name in ("cls_steps", "seg_lr"):
+        if getattr(args, name) is not None and args.schedule != "two_phase":
+            raise ValueError(f"--{name} needs the two_phase schedule (train_from_init.py), not {args.schedule}")
+    if args.schedule == "two_phase" and args.seg_lr is None:
+        args.seg_lr = SECOND_PHASE_LR
+    if args.momentum is not None and args.optimizer != "sgd":
+        raise ValueError(f"--momentum applies to --optimizer sgd only, not {args.optimizer}")
+    if args.random_resize and args.augmentation != "init":
+        raise ValueError(f"--random_resize applies to the init augmentation (train_from_init.py), "
+                         f"not {args.augmentation}")
     if not 0 <= args.dropout_scale <= 1:
         raise ValueError(f"--dropout_scale must be in [0, 1], got {args.dropout_scale}")
     if args.mining_workers is not None and args.mining_workers < 0:
         raise ValueError(f"--mining_workers must be >= 0, got {args.mining_workers}")
+    if args.num_workers is None:
+        args.num_workers = min(args.released_num_workers, cores_per_process())
+    elif args.num_workers < 0:
+        raise ValueError(f"--num_workers must be >= 0, got {args.num_workers}")
     return args
 
 
@@ -179,13 +220,38 @@ class Runtime:
         return self.rank == 0
 
 
+def apply_gpu_id(gpu_id: str | None, launched_by_torchrun: bool) -> None:
+    """`--gpu_id` as released: CUDA_VISIBLE_DEVICES, but only while this process's CUDA starts. The
+    variable is then restored, so a caller's environment and later child processes keep theirs."""
+    if gpu_id is None:
+        return
+    if launched_by_torchrun:
+        raise ValueError("--gpu_id cannot be used under torchrun, which gives each process the GPU of its "
+                         "LOCAL_RANK; set CUDA_VISIBLE_DEVICES for torchrun instead")
+    if torch.cuda.is_initialized():
+        raise ValueError(f"--gpu_id {gpu_id}: CUDA is already initialised in this process, so the visible "
+                         f"GPUs are fixed; choose one with --device cuda:N")
+    previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_id)
+    try:
+        if not torch.cuda.is_available():
+            raise ValueError(f"--gpu_id {gpu_id}: no CUDA device is visible")
+        torch.cuda.init()  # CUDA reads the variable once, here
+    finally:
+        if previous is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = previous
+
+
 def setup_runtime(args: argparse.Namespace) -> Runtime:
     """torchrun (RANK/WORLD_SIZE set) -> DDP over NCCL (CUDA) or Gloo (CPU); else one process,
     with DataParallel when several GPUs are visible."""
     launched_by_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if args.gpu_id is not None and not launched_by_torchrun:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu_id)
+    apply_gpu_id(args.gpu_id, launched_by_torchrun)
     device = pick_device(args.device)
+    if args.gpu_id is not None and device.type != "cuda":
+        raise ValueError(f"--gpu_id {args.gpu_id} selects GPUs, but --device {args.device} is not CUDA")
     apply_memory_choice(args.release_memory)
     use_cuda = device.type == "cuda"
     resolve_amp(args.amp, device)  # an impossible --amp fails before any work
@@ -209,7 +275,8 @@ def seed_everything(seed: int) -> None:
 
 def build_dataset(args: argparse.Namespace) -> torch.utils.data.Dataset:
     if args.augmentation == "init":
-        return TrainDatasetInit(args.voc12_root, args.train_list, args.cls_labels, args.crop_size)
+        return TrainDatasetInit(args.voc12_root, args.train_list, args.cls_labels, args.crop_size,
+                                apply_random_resize=args.random_resize)
     if args.augmentation == "scaled":
         return TrainDatasetScaled(args.voc12_root, args.train_list, args.cls_labels, args.crop_size)
     raise ValueError(f"unknown augmentation {args.augmentation!r}; valid: init, scaled")
@@ -373,9 +440,45 @@ class RunLog:
                         dynamic_ncols=True)
         if enabled:
             os.makedirs(args.save_dir, exist_ok=True)
-            self.text = open(os.path.join(args.save_dir, f"{args.session_name}.log"), "a")
-            self.metrics = open(os.path.join(args.save_dir, f"{args.session_name}metrics.jsonl"), "a")
+            text_path = os.path.join(args.save_dir, f"{args.session_name}.log")
+            metrics_path = os.path.join(args.save_dir, f"{args.session_name}metrics.jsonl")
+            if args.resume:
+                # The updates from the checkpoint on are redone: drop what the interrupted run logged for them.
+                self._drop_redone(text_path, start_step, self._text_step, keep_unstepped=True)
+                self._drop_redone(metrics_path, start_step, self._metrics_step, keep_unstepped=False)
+            self.text = open(text_path, "a")
+            self.metrics = open(metrics_path, "a")
             self.text.write(json.dumps({k: v for k, v in vars(args).items() if k != "network_defaults"}) + "\n")
+
+    @staticmethod
+    def _text_step(line: str) -> int | None:
+        """The update a text log line reports (`finished N updates` counts as N), None for a settings line."""
+        match = re.match(r"Iter:\s*(\d+)/|finished (\d+) updates", line)
+        return None if match is None else int(match.group(1) or match.group(2))
+
+    @staticmethod
+    def _metrics_step(line: str) -> int | None:
+        """The step of a metrics record, None for a line torn by a crash."""
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    @staticmethod
+    def _drop_redone(path: str, start_step: int, step_of: Callable[[str], int | None], keep_unstepped: bool) -> None:
+        """Rewrite `path` (atomically) without the lines of the interrupted trajectory from `start_step` on:
+        everything from the first line at a step >= start_step after the last line before it. Earlier
+        runs of the same session stay. Lines without a step are kept before the cut if `keep_unstepped`."""
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        steps = [step_of(line) for line in lines]
+        last_before = max((i for i, step in enumerate(steps) if step is not None and step < start_step), default=-1)
+        cut = next((i for i in range(last_before + 1, len(lines)) if steps[i] is not None and steps[i] >= start_step),
+                   len(lines))
+        kept = [line for line, step in zip(lines[:cut], steps[:cut]) if keep_unstepped or step is not None]
+        atomic_write_text("".join(line + "\n" for line in kept), path)
 
     def line(self, text: str) -> None:
         if self.enabled:
@@ -423,9 +526,13 @@ def session_path(args: argparse.Namespace, suffix: str) -> str:
     return os.path.join(args.save_dir, f"{args.session_name}{suffix}")
 
 
-def _run_config(args: argparse.Namespace, max_step: int) -> dict[str, Any]:
-    config = {key: getattr(args, key) for key in RESUME_MUST_MATCH}
-    config["max_step"] = max_step
+def _run_config(args: argparse.Namespace, max_step: int, runtime: Runtime) -> dict[str, Any]:
+    """The settings that decide the weights: every flag but RESUME_MAY_DIFFER, resolved where a
+    different spelling gives the same run (`--device auto` on a CPU machine is `cpu`)."""
+    config = {key: value for key, value in vars(args).items() if key not in RESUME_MAY_DIFFER}
+    # CUDA and CPU differ in kernels and in the generator dropout draws from; DataParallel splits batches.
+    config.update(max_step=max_step, device=runtime.device.type, data_parallel=runtime.data_parallel,
+                  amp=resolve_amp(args.amp, runtime.device))
     return config
 
 
@@ -439,18 +546,22 @@ def _save_resume(trainer: Trainer, args: argparse.Namespace, runtime: Runtime, s
     if runtime.is_main:
         save_resume_checkpoint(path, model=trainer.model, optimizer=trainer.optimizer, step=steps_done,
                                data_position={"step": steps_done}, grad_scaler=trainer.grad_scaler,
-                               run_config={**_run_config(args, max_step), "rng_per_rank": rng_states})
+                               run_config={**_run_config(args, max_step, runtime), "rng_per_rank": rng_states})
     return path
 
 
 def _restore(trainer: Trainer, args: argparse.Namespace, runtime: Runtime, max_step: int) -> int:
     checkpoint = load_resume_checkpoint(args.resume)
     saved = checkpoint["run_config"]
-    expected = _run_config(args, max_step)
+    expected = _run_config(args, max_step, runtime)
     # A key a checkpoint lacks was written before its flag existed: that run had the flag's default.
     flag_defaults = build_parser({})
-    different = [f"{key}: checkpoint {saved.get(key)!r} vs now {value!r}"
-                 for key, value in expected.items() if saved.get(key, flag_defaults.get_default(key)) != value]
+    different = []
+    for key in sorted(expected):
+        before = saved[key] if key in saved else flag_defaults.get_default(key)
+        if before != expected[key]:
+            recorded = repr(before) if key in saved else f"not recorded, so the default {before!r}"
+            different.append(f"{key}: checkpoint {recorded} vs now {expected[key]!r}")
     if different:
         raise ValueError(f"--resume {args.resume} was written by a different run: " + "; ".join(different))
     unwrap_model(trainer.model).load_state_dict(checkpoint["model"])
@@ -482,24 +593,29 @@ def run_training(args: argparse.Namespace, *, model_factory: ModelFactory | None
     check_inputs(args)
     runtime = setup_runtime(args)
     dataset = build_dataset(args)
+    dataset.check_images(args.num_workers)  # a corrupt image stops the run now, with its name
     max_step = compute_max_step(args, len(dataset))
     total_steps = max_step + args.updates_past_max_step
-    trainer = Trainer(args, runtime, max_step, model_factory)
-    start_step = _restore(trainer, args, runtime, max_step) if args.resume else 0
-    if not args.resume:
-        seed_everything(args.seed + runtime.rank)  # each rank its own dropout stream
-    stop_step = total_steps if stop_after is None else min(total_steps, stop_after)
-    sampler = StepBatchSampler(len(dataset), args.batch_size, order=args.batch_order, seed=args.seed,
-                               start_step=start_step, stop_step=stop_step, rank=runtime.rank,
-                               world_size=runtime.world_size, per_batch_scale=args.augmentation == "scaled")
-    loader = DataLoader(PositionSeededDataset(dataset), batch_sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=runtime.device.type == "cuda",
-                        # Its own generator: starting the loader must not draw from the global (dropout) RNG.
-                        generator=torch.Generator().manual_seed(args.seed))
-    log = RunLog(args, max_step, total_steps, start_step, runtime.is_main)
-    terms: dict[str, float] = {}
-    steps_done = start_step
-    try:
+    # Everything built from here on is closed on any error, a refused resume included.
+    with contextlib.ExitStack() as resources:
+        trainer = Trainer(args, runtime, max_step, model_factory)
+        resources.callback(trainer.close)
+        start_step = _restore(trainer, args, runtime, max_step) if args.resume else 0
+        if not args.resume:
+            seed_everything(args.seed + runtime.rank)  # each rank its own dropout stream
+        stop_step = total_steps if stop_after is None else min(total_steps, stop_after)
+        sampler = StepBatchSampler(len(dataset), args.batch_size, order=args.batch_order, seed=args.seed,
+                                   start_step=start_step, stop_step=stop_step, rank=runtime.rank,
+                                   world_size=runtime.world_size, per_batch_scale=args.augmentation == "scaled")
+        loader = DataLoader(PositionSeededDataset(dataset), batch_sampler=sampler, num_workers=args.num_workers,
+                            pin_memory=runtime.device.type == "cuda",
+                            # Its own generator: starting the loader must not draw from the global (dropout) RNG.
+                            generator=torch.Generator().manual_seed(args.seed))
+        log = RunLog(args, max_step, total_steps, start_step, runtime.is_main)
+        resources.callback(log.close)
+        inputs_checked()  # from here on an error is the run's own: run_cli keeps its traceback
+        terms: dict[str, float] = {}
+        steps_done = start_step
         for t, batch in zip(range(start_step, stop_step), loader):
             result = trainer.step(batch, t)
             steps_done = t + 1
@@ -516,9 +632,6 @@ def run_training(args: argparse.Namespace, *, model_factory: ModelFactory | None
             if runtime.is_main:
                 save_model_weights(trainer.model, final_path)
                 log.line(f"finished {steps_done} updates; weights: {final_path}")
-    finally:
-        log.close()
-        trainer.close()
     if runtime.distributed:
         dist.barrier()
     return TrainingResult(steps_done, max_step, final_path, resume_path, terms)

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
-import pickle
 import struct
 
 import numpy as np
 import torch
 from torch import nn
+
+from tool.checkpoint import verify_checksum_file
 
 logger = logging.getLogger(__name__)
 
@@ -18,10 +20,14 @@ V2_MAGIC = 0xF993FAC9
 V3_MAGIC = 0xF993FACA
 MXNET_DTYPES = {0: np.float32, 1: np.float64, 2: np.float16, 3: np.uint8, 4: np.int32,
                 5: np.int8, 6: np.int64, 7: np.bool_}
+# MXNet's NDArrayStorageType: kRowSparseStorage = 1, kCSRStorage = 2 (as the bytes MXNet writes show).
+SPARSE_STORAGE = {1: "row_sparse", 2: "csr"}
+SPARSE_AUX_COUNT = {1: 1, 2: 2}  # row_sparse: row indices; csr: row pointers and column indices
 BN_FIELDS = {"gamma": "weight", "beta": "bias", "mean": "running_mean", "var": "running_var"}
 # Layers a classification / ImageNet checkpoint lacks; they keep their initialisation.
 HEAD_PREFIXES = ("fc8_seg_conv", "GAU_w")
 CLASSIFIER_PREFIX = "fc8."
+MAX_LISTED = 10  # shape mismatches spelled out in a load error
 
 
 class _Reader:
@@ -43,46 +49,123 @@ class _Reader:
         return struct.unpack("<" + fmt * count, self.take(size))
 
 
-def _read_array(reader: _Reader, index: int) -> np.ndarray:
-    (head,) = reader.unpack("I")
-    if head in (V1_MAGIC, V2_MAGIC, V3_MAGIC):
-        if head != V1_MAGIC:
-            (storage_type,) = reader.unpack("i")
-            if storage_type != 0:
-                raise ValueError(f"{reader.path}: array {index} uses sparse storage type "
-                                 f"{storage_type}; only dense arrays are supported")
-        (ndim,) = reader.unpack("i")
-        if head == V3_MAGIC and ndim == -1:
-            return np.zeros((0,), np.float32)  # an unknown-shape ("none") array carries no data
-        if ndim < 0 or ndim > 32:
-            raise ValueError(f"{reader.path}: array {index} has invalid ndim {ndim}; "
-                             "not a valid MXNet .params file")
-        shape = reader.unpack("q", ndim)
-        scalar_allowed = head == V3_MAGIC
-    else:
-        # The oldest layout has no magic: the word is ndim, followed by u32 dims.
-        ndim = head
-        if ndim > 32:
-            raise ValueError(f"{reader.path}: array {index} starts with 0x{head:08X}, neither an "
-                             "NDArray magic nor a plausible ndim; not a valid MXNet .params file")
-        shape = reader.unpack("I", ndim)
-        scalar_allowed = False
-    if ndim == 0 and not scalar_allowed:
-        return np.zeros((0,), np.float32)  # before V3, ndim 0 marks an empty array without data
+def _as_array(reader: _Reader, index: int, raw: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    except ValueError as error:  # numpy refuses shapes whose size overflows, e.g. (0, 2**62)
+        raise ValueError(f"{reader.path}: array {index} has unusable shape {shape} ({error})") from error
+
+
+def _read_shape(reader: _Reader, index: int, head: int) -> tuple[int, ...] | None:
+    """A TShape (i32 ndim, i64 dims); None for the unknown shape of a V3 "none" array."""
+    (ndim,) = reader.unpack("i")
+    if head == V3_MAGIC and ndim == -1:
+        return None
+    if ndim < 0 or ndim > 32:
+        raise ValueError(f"{reader.path}: array {index} has invalid ndim {ndim}; "
+                         "not a valid MXNet .params file")
+    shape = reader.unpack("q", ndim)
     if any(dim < 0 for dim in shape):
         raise ValueError(f"{reader.path}: array {index} has negative dimension in shape {shape}")
-    _dev_type, _dev_id, type_flag = reader.unpack("i", 3)
+    return shape
+
+
+def _read_dtype(reader: _Reader, index: int) -> np.dtype:
+    (type_flag,) = reader.unpack("i")
     if type_flag not in MXNET_DTYPES:
         raise ValueError(f"{reader.path}: array {index} has unknown dtype flag {type_flag}; "
                          f"known flags: {sorted(MXNET_DTYPES)}")
-    dtype = np.dtype(MXNET_DTYPES[type_flag]).newbyteorder("<")
-    count = int(np.prod(shape, dtype=np.int64))
-    raw = reader.take(count * dtype.itemsize)
-    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    return np.dtype(MXNET_DTYPES[type_flag]).newbyteorder("<")
+
+
+def _read_blob(reader: _Reader, index: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    return _as_array(reader, index, reader.take(math.prod(shape) * dtype.itemsize), dtype, shape)
+
+
+def _densify(reader: _Reader, index: int, storage_type: int, shape: tuple[int, ...],
+             values: np.ndarray, aux: list[np.ndarray]) -> np.ndarray:
+    """The dense array MXNet's `tostype('default')` gives for row_sparse (1) or csr (2) storage."""
+    def invalid(reason: str) -> ValueError:
+        return ValueError(f"{reader.path}: array {index} ({SPARSE_STORAGE[storage_type]}, shape {shape}) "
+                          f"is not a valid sparse array: {reason}")
+    if any(array.dtype.kind not in "iu" for array in aux):
+        raise invalid(f"index arrays have dtypes {[str(array.dtype) for array in aux]}, not integers")
+    indices = [array.astype(np.int64) for array in aux]  # uint64 beyond int64 turns negative: refused below
+    if SPARSE_STORAGE[storage_type] == "csr":
+        indptr, columns = indices
+        if len(shape) != 2 or values.ndim != 1 or columns.shape != values.shape:
+            raise invalid(f"csr needs a 2-D shape and as many column indices {columns.shape} as values "
+                          f"{values.shape}")
+        if (indptr.shape != (shape[0] + 1,) or indptr[0] != 0 or indptr[-1] != values.size
+                or np.any(np.diff(indptr) < 0)):
+            raise invalid(f"row pointers {indptr.tolist()} do not delimit {values.size} values in "
+                          f"{shape[0]} rows")
+        if np.any((columns < 0) | (columns >= shape[1])):
+            raise invalid(f"column indices {columns.tolist()} outside [0, {shape[1]})")
+        target = (np.repeat(np.arange(shape[0]), np.diff(indptr)), columns)
+    else:
+        (rows,) = indices
+        if not shape or values.shape != (rows.size, *shape[1:]):
+            raise invalid(f"row_sparse values {values.shape} do not match {rows.size} rows of shape {shape}")
+        if np.any((rows < 0) | (rows >= shape[0])):
+            raise invalid(f"row indices {rows.tolist()} outside [0, {shape[0]})")
+        target = rows
+    try:
+        dense = np.zeros(shape, values.dtype)
+    except (ValueError, MemoryError) as error:
+        raise invalid(f"cannot allocate the dense array ({type(error).__name__})") from error
+    dense[target] = values
+    return dense
+
+
+def _read_array(reader: _Reader, index: int) -> np.ndarray:
+    (head,) = reader.unpack("I")
+    if head in (V1_MAGIC, V2_MAGIC, V3_MAGIC):
+        storage_type = 0
+        if head != V1_MAGIC:
+            (storage_type,) = reader.unpack("i")
+            if storage_type != 0 and storage_type not in SPARSE_STORAGE:
+                raise ValueError(f"{reader.path}: array {index} has unknown storage type "
+                                 f"{storage_type}; known: 0 (dense), 1 (row_sparse), 2 (csr)")
+        # Sparse arrays store the shape of their values before the logical shape.
+        storage_shape = _read_shape(reader, index, head) if storage_type else None
+        shape = _read_shape(reader, index, head)
+        if shape is None or (storage_type and storage_shape is None):
+            return np.zeros((0,), np.float32)  # an unknown-shape ("none") array carries no data
+        if len(shape) == 0 and head != V3_MAGIC:
+            return np.zeros((0,), np.float32)  # before V3, ndim 0 marks an empty array without data
+        reader.unpack("i", 2)  # device type and id
+        dtype = _read_dtype(reader, index)
+        if not storage_type:
+            return _read_blob(reader, index, dtype, shape)
+        aux_layouts = []
+        for _ in range(SPARSE_AUX_COUNT[storage_type]):
+            aux_dtype = _read_dtype(reader, index)
+            aux_shape = _read_shape(reader, index, head)
+            if aux_shape is None:
+                raise ValueError(f"{reader.path}: array {index} has a sparse index array of unknown shape")
+            aux_layouts.append((aux_dtype, aux_shape))
+        values = _read_blob(reader, index, dtype, storage_shape)
+        aux = [_read_blob(reader, index, aux_dtype, aux_shape) for aux_dtype, aux_shape in aux_layouts]
+        return _densify(reader, index, storage_type, shape, values, aux)
+    # The oldest layout has no magic: the word is ndim, followed by u32 dims.
+    ndim = head
+    if ndim > 32:
+        raise ValueError(f"{reader.path}: array {index} starts with 0x{head:08X}, neither an "
+                         "NDArray magic nor a plausible ndim; not a valid MXNet .params file")
+    shape = reader.unpack("I", ndim)
+    if ndim == 0:
+        return np.zeros((0,), np.float32)  # ndim 0 marks an empty array without data
+    reader.unpack("i", 2)  # device type and id
+    return _read_blob(reader, index, _read_dtype(reader, index), shape)
 
 
 def read_mxnet_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Names -> arrays of an MXNet `nd.save` file (names keep their `arg:`/`aux:` prefix)."""
+    """Names -> arrays of an MXNet `nd.save` file (names keep their `arg:`/`aux:` prefix).
+
+    A file saved from a list has no names; its arrays are keyed "0", "1", ... in order.
+    Sparse (row_sparse, csr) arrays are returned dense.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MXNet weights file not found: {path}")
@@ -94,12 +177,17 @@ def read_mxnet_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
     (num_arrays,) = reader.unpack("Q")
     arrays = [_read_array(reader, index) for index in range(num_arrays)]
     (num_names,) = reader.unpack("Q")
-    if num_names != num_arrays:
+    if num_names not in (0, num_arrays):
         raise ValueError(f"{path}: MXNet .params file has {num_arrays} arrays but {num_names} names")
     names = []
-    for _ in range(num_names):
+    for position in range(num_names):
         (length,) = reader.unpack("Q")
-        names.append(reader.take(length).decode("utf-8"))
+        try:
+            names.append(reader.take(length).decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: MXNet array name {position} is not UTF-8 ({error.reason})") from error
+    if not num_names:
+        names = [str(position) for position in range(num_arrays)]  # as mx.nd.load's list
     if reader.pos != len(reader.data):
         raise ValueError(f"{path}: {len(reader.data) - reader.pos} unexpected bytes after the "
                          "MXNet name list; not a valid .params file")
@@ -169,12 +257,20 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
+    verify_checksum_file(path)  # weights this project wrote carry <file>.sha256; released ones do not
     if path.endswith(".params"):
-        return mxnet_to_resnet38(read_mxnet_params(path))
+        params = read_mxnet_params(path)
+        if params and list(params) == [str(position) for position in range(len(params))]:
+            raise ValueError(f"{path}: MXNet .params file was saved from a list and has no parameter "
+                             "names; cannot map it to ResNet-38")
+        try:
+            return mxnet_to_resnet38(params)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
     if path.endswith(".pth"):
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
+        except Exception as error:  # on corrupt bytes torch.load raises nearly any type (KeyError, ...)
             raise ValueError(f"{path}: cannot read as a PyTorch checkpoint with weights_only=True "
                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
                              ) from error
@@ -217,7 +313,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike, allow_missing_heads:
     mismatched = [f"{key}: file {tuple(state[key].shape)} vs model {tuple(model_state[key].shape)}"
                   for key in sorted(set(state) & model_keys) if state[key].shape != model_state[key].shape]
     if mismatched:
-        errors.append(f"shape mismatches: {mismatched}")
+        # A model of another width mismatches nearly every tensor: the first few say enough.
+        more = f" ... and {len(mismatched) - MAX_LISTED} more" if len(mismatched) > MAX_LISTED else ""
+        errors.append(f"shape mismatches: {mismatched[:MAX_LISTED]}{more}")
     if errors:
         raise ValueError(f"{path} does not fit {type(model).__module__}.{type(model).__name__}: "
                          + "; ".join(errors))

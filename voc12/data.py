@@ -15,12 +15,12 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import ColorJitter
 
 from voc12.lists import (
     CLASS_NAMES, IGNORE_LABEL, IMAGE_DIR, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, VOC_PALETTE, PathLike,
-    default_cls_labels_path, default_list_path, find_mask_path, labels_for_ids,
+    check_decodable, default_cls_labels_path, default_list_path, find_mask_path, labels_for_ids,
     load_cls_labels, read_id_list, read_mask, read_rgb, require_dir,
 )
 
@@ -116,6 +116,16 @@ class _VOCImageList(Dataset):
     def _image_path(self, image_id: str) -> str:
         return os.path.join(self.image_dir, image_id + ".jpg")
 
+    def check_images(self, num_workers: int = 0) -> None:
+        """Decode every listed image (in `num_workers` DataLoader processes) before training starts,
+        so that a corrupt file stops the run at once with its name, not hours into it."""
+        paths = [self._image_path(image_id) for image_id in self.ids]
+        loader = DataLoader(_DecodeCheck(paths), batch_size=64, num_workers=num_workers, collate_fn=list)
+        failures = [failure for batch in loader for failure in batch if failure]
+        if failures:
+            source = self.list_path or "the id list"
+            raise ValueError(f"{len(failures)} image(s) of {source} cannot be decoded, first: {failures[0]}")
+
     def reseed(self, seed: int) -> None:
         """Restart this dataset's random stream (per item by tool.train_batches)."""
         self.rng = np.random.default_rng(seed)
@@ -126,6 +136,23 @@ class _VOCImageList(Dataset):
     def _read(self, index: int) -> tuple[str, Image.Image]:
         image_id = self.ids[index]
         return image_id, read_rgb(self._image_path(image_id))
+
+
+class _DecodeCheck(Dataset):
+    """Item i: '' if image i decodes, else its error message (which names the file)."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> str:
+        try:
+            check_decodable(self.paths[index])
+        except ValueError as error:
+            return str(error)
+        return ""
 
 
 class _LabelledImageList(_VOCImageList):
