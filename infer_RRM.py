@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import network
 from tool.allocator import add_memory_argument, apply_memory_choice
-from tool.cli import run_cli
+from tool.cli import inputs_checked, run_cli
 from tool.device import add_device_arguments, pick_device
 from tool.inference import format_summary, load_model, run_inference
 from voc12.data import EvalDataset
@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     apply_memory_choice(args.release_memory)
     model = load_model(args.network, weights, args.width, device)
     summary_path = args.summary or os.path.join(os.path.dirname(os.path.abspath(args.out_cam_pred)), "summary.json")
+    inputs_checked()  # from here on an error is the run's own: run_cli keeps its traceback
     summary = run_inference(
         model, dataset, out_pred_dir=args.out_cam_pred, out_crf_dir=args.out_la_crf if use_crf else None,
         out_color_dir=args.out_color, crf=use_crf, scales=args.scales, flip=args.flip,
