@@ -20,7 +20,6 @@ import functools
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # A mosaic larger than this (area relative to the input) costs more than Winograd saves.
