@@ -593,7 +593,8 @@ def run_training(args: argparse.Namespace, *, model_factory: ModelFactory | None
     check_inputs(args)
     runtime = setup_runtime(args)
     dataset = build_dataset(args)
-    dataset.check_images(args.num_workers)  # a corrupt image stops the run now, with its name
+    # A corrupt image stops the run now, with its name; each process checks its share of the list.
+    dataset.check_images(args.num_workers, part=runtime.rank, parts=runtime.world_size)
     max_step = compute_max_step(args, len(dataset))
     total_steps = max_step + args.updates_past_max_step
     # Everything built from here on is closed on any error, a refused resume included.

@@ -116,10 +116,11 @@ class _VOCImageList(Dataset):
     def _image_path(self, image_id: str) -> str:
         return os.path.join(self.image_dir, image_id + ".jpg")
 
-    def check_images(self, num_workers: int = 0) -> None:
+    def check_images(self, num_workers: int = 0, part: int = 0, parts: int = 1) -> None:
         """Decode every listed image (in `num_workers` DataLoader processes) before training starts,
-        so that a corrupt file stops the run at once with its name, not hours into it."""
-        paths = [self._image_path(image_id) for image_id in self.ids]
+        so that a corrupt file stops the run at once with its name, not hours into it. Under DDP each
+        of the `parts` processes decodes its own share (`part`) instead of all of them."""
+        paths = [self._image_path(image_id) for image_id in self.ids[part::parts]]
         loader = DataLoader(_DecodeCheck(paths), batch_size=64, num_workers=num_workers, collate_fn=list)
         failures = [failure for batch in loader for failure in batch if failure]
         if failures:

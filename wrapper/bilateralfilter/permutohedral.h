@@ -6,8 +6,9 @@
 // Built once per set of points; filter() pushes any number of value channels through it at once,
 // the channels of a vertex contiguous so splat, blur and slice run as vector operations.
 // Memory: 8·(d+1) bytes per point (vertex and weight of each simplex vertex) and 8·(d+1) per
-// vertex (blur neighbours); the build adds a hash table of at most 40·4·V bytes, filter() two
-// vertex-value buffers of 4·(V+1)·C' bytes each (C' = channels rounded up to 8).
+// vertex (blur neighbours); the build adds a hash table of 64–128 bytes of slots and a 16-byte
+// key per vertex, filter() two vertex-value buffers of 4·(V+1)·C' bytes each (C' = channels
+// rounded up to 8).
 #pragma once
 
 #include <cstddef>
