@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import network
 from tool.allocator import add_memory_argument, apply_memory_choice
 from tool.cli import inputs_checked, run_cli
+from tool.crf import add_crf_backend_argument, resolve_crf_backend
 from tool.device import add_device_arguments, pick_device
 from tool.inference import format_summary, load_model, run_inference
 from voc12.data import EvalDataset
@@ -41,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
                         help="input scales whose logits are averaged (released: 1.0)")
     parser.add_argument("--flip", action="store_true", help="also average the horizontally mirrored input")
-    parser.add_argument("--crf_workers", type=int, default=1,
-                        help="processes solving CRFs while the network runs (0: serially, as released)")
+    parser.add_argument("--crf_workers", type=int, default=None,
+                        help="processes solving pydensecrf CRFs while the network runs (0: serially, as released; "
+                             "default 1, and 0 with the torch backend, which solves them on the device)")
+    add_crf_backend_argument(parser)
     add_device_arguments(parser)
     add_memory_argument(parser)
     parser.add_argument("--num_workers", type=int, default=1, help="DataLoader processes reading images")
@@ -78,7 +81,7 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, str, str | None]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.crf_workers < 0:
+    if args.crf_workers is not None and args.crf_workers < 0:
         parser.error(f"--crf_workers must be >= 0, got {args.crf_workers}")
     if args.num_workers < 0:
         parser.error(f"--num_workers must be >= 0, got {args.num_workers}")
@@ -89,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     list_path, image_dir, gt_dir = resolve_inputs(args)
     dataset = EvalDataset(list_path=list_path, image_dir=image_dir, gt_dir=gt_dir, require_gt=args.gt_dir is not None)
     device = pick_device(args.device)
+    crf_backend = resolve_crf_backend(args.crf_backend, device)
+    if crf_backend == "torch" and args.crf_workers:
+        parser.error(f"--crf_workers {args.crf_workers} applies to --crf_backend pydensecrf; the torch backend "
+                     f"solves the CRFs on {device} in this process")
+    crf_workers = args.crf_workers if args.crf_workers is not None else int(crf_backend == "pydensecrf")
     apply_memory_choice(args.release_memory)
     model = load_model(args.network, weights, args.width, device)
     summary_path = args.summary or os.path.join(os.path.dirname(os.path.abspath(args.out_cam_pred)), "summary.json")
@@ -96,9 +104,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = run_inference(
         model, dataset, out_pred_dir=args.out_cam_pred, out_crf_dir=args.out_la_crf if use_crf else None,
         out_color_dir=args.out_color, crf=use_crf, scales=args.scales, flip=args.flip,
-        crf_workers=args.crf_workers, amp=args.amp, num_workers=args.num_workers, summary_path=summary_path,
+        crf_workers=crf_workers, crf_backend=crf_backend, amp=args.amp, num_workers=args.num_workers, summary_path=summary_path,
         progress=not args.no_progress,
         extra_summary={"network": args.network, "weights": weights, "width": args.width, "device": str(device),
+                       "crf_backend": crf_backend,
                        "list": list_path, "image_dir": image_dir, "gt_dir": gt_dir})
     print(format_summary(summary))
     print(f"{summary['num_images']} images in {summary['seconds']:.1f} s "

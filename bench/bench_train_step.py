@@ -2,11 +2,13 @@
 
 Modes, each in its own process (so peak RSS is per mode), measured side by side in one run:
 - released: the released computation: fp32, plain convolutions (`plain_convolution()`), mining
-  serial in the training process, the released bilateral filter's algorithm for the dense energy
-  (`bench/released_bilateral.cpp`: one lattice per image, one pass per channel), and the C
-  library's default allocator settings (`--release_memory`);
-- ours:     the engine's defaults: fp32, NNPACK fast convolutions, mining pool (one worker per
-  core), our lattice (all 21 channels in one pass), freed memory kept (`tool.allocator`);
+  serial in the training process with pydensecrf, the released bilateral filter's algorithm for
+  the dense energy (`bench/released_bilateral.cpp`: one lattice per image, one pass per channel),
+  and the C library's default allocator settings (`--release_memory`);
+- ours:     the engine's defaults: fp32, NNPACK fast convolutions on the CPU, `--crf_backend auto`
+  (CPU: mining pool of one worker per core and our C++ lattice; CUDA: mining and the dense energy
+  on the GPU through the torch lattice), freed memory kept (`tool.allocator`);
+- ours_cpu_crf: ours with --crf_backend pydensecrf (on CUDA: the same step with CPU mining);
 - ours_bf16: ours with --amp bf16 (mining and dense energy stay float32).
 Each mode runs a warm-up step (not timed: pool start-up, allocator, NNPACK init), then
 --repeats timed steps (the fastest is reported). Prints wall and CPU time per stage, peak RSS,
@@ -31,7 +33,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-MODES = {"released": ["--mining_workers", "0", "--release_memory"], "ours": [], "ours_bf16": ["--amp", "bf16"]}
+MODES = {"released": ["--mining_workers", "0", "--crf_backend", "pydensecrf", "--release_memory"], "ours": [],
+         "ours_cpu_crf": ["--crf_backend", "pydensecrf"], "ours_bf16": ["--amp", "bf16"]}
 STAGES = ("forward", "mining", "losses", "backward", "step")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -79,7 +82,8 @@ def children_cpu_seconds() -> float:
     return total / CLOCK_TICKS
 
 
-def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int, device: str = "cpu") -> dict:
+def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int, device: str = "cpu",
+            batch_size: int = 2) -> dict:
     import torch
     from torch.utils.data import default_collate
 
@@ -90,7 +94,7 @@ def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int, dev
     from voc12.data import TrainDatasetScaled
 
     argv = ["--voc12_root", voc_root, "--weights", "none", "--width", str(width), "--crop_size", str(crop),
-            "--batch_size", "2", "--num_workers", "0", "--device", device, *MODES[mode]]
+            "--batch_size", str(batch_size), "--num_workers", "0", "--device", device, *MODES[mode]]
     args = finalize_args(build_parser(train_from_cls_weight.DEFAULTS).parse_args(argv))
     released = mode == "released"
     baseline_build = tempfile.TemporaryDirectory(prefix="released_filter_")
@@ -98,7 +102,7 @@ def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int, dev
         tool.dense_energy.bilateral_filter = released_dense_energy_filter(baseline_build.name)
     trainer = Trainer(args, setup_runtime(args), max_step=1000)
     dataset = TrainDatasetScaled(voc_root, crop_size=crop, seed=0)
-    batch = default_collate([dataset[(i, 1.0)] for i in range(2)])
+    batch = default_collate([dataset[(i, 1.0)] for i in range(batch_size)])
     best: dict | None = None
     with plain_convolution() if released else contextlib.nullcontext():
         for t in range(repeats + 1):
@@ -123,6 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--crop", type=int, default=321)
+    parser.add_argument("--batch", type=int, default=2, help="images per step")
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per mode after the warm-up "
                                                                  "(the fastest is reported)")
     parser.add_argument("--modes", default=None,
@@ -134,11 +139,12 @@ def main() -> None:
     options = parser.parse_args()
     if options.child:
         print(json.dumps(measure(options.child, options.voc_root, options.width, options.crop, options.repeats,
-                                 options.device)))
+                                 options.device, options.batch)))
         return
     if options.modes is None:
-        options.modes = ",".join(m for m in MODES if m != "ours_bf16" or options.device != "cpu"
-                                 or cpu_has_native_bf16())
+        on_cpu = options.device == "cpu"
+        options.modes = ",".join(m for m in MODES if not (on_cpu and m == "ours_cpu_crf")
+                                 and (m != "ours_bf16" or not on_cpu or cpu_has_native_bf16()))
     modes = options.modes.split(",")
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
@@ -148,18 +154,19 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         voc_root = os.path.join(tmp, "VOC2012")
-        generate_dataset(voc_root, num_train=2, num_val=1, seed=0, size_min=options.crop + 40,
+        generate_dataset(voc_root, num_train=options.batch, num_val=1, seed=0, size_min=options.crop + 40,
                          size_max=options.crop + 120)
         results = {}
         for mode in modes:
             completed = subprocess.run([sys.executable, __file__, "--child", mode, "--voc_root", voc_root,
                                         "--width", str(options.width), "--crop", str(options.crop),
-                                        "--repeats", str(options.repeats), "--device", options.device],
+                                        "--repeats", str(options.repeats), "--device", options.device,
+                                        "--batch", str(options.batch)],
                                        capture_output=True, text=True, check=True)
             results[mode] = json.loads(completed.stdout.strip().splitlines()[-1])
             print(f"{mode}: {json.dumps(results[mode])}", flush=True)
     first = results[modes[0]]
-    print(f"\ntrain step: width {options.width}, batch 2, crop {options.crop}, {options.device} ({first['threads']} torch "
+    print(f"\ntrain step: width {options.width}, batch {options.batch}, crop {options.crop}, {options.device} ({first['threads']} torch "
           f"threads, {os.cpu_count()} cores); warm-up excluded, best of {options.repeats}; "
           f"{time.time() - started:.0f} s in all; load average at end: "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
@@ -178,6 +185,9 @@ def main() -> None:
                 cpu = ((results[mode]["cpu_total"] + results[mode]["workers_cpu"])
                        / (results["released"]["cpu_total"] + results["released"]["workers_cpu"]))
                 print(f"ratio {mode}/released: wall {wall:.3f}, CPU {cpu:.3f}   (target wall <= 0.7)")
+    if "ours" in results and "ours_cpu_crf" in results:
+        speedup = results["ours_cpu_crf"]["total"] / results["ours"]["total"]
+        print(f"step with CPU mining / step with mining on {options.device}: {speedup:.2f}x (target on a GPU >= 5)")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ pytestmark = pytest.mark.cuda
 WIDTH = 0.0625
 
 
-def cuda_trainer(voc_root, *extra):
+def cuda_trainer(voc_root, *extra, backend="pydensecrf", network_name="network.RRM"):
+    """A tiny CUDA trainer; backend 'pydensecrf' mines on the CPU in-process, 'torch' on the GPU."""
+    mining = ["--mining_workers", "0"] if backend == "pydensecrf" else []
     argv = ["--voc12_root", voc_root, "--weights", "none", "--width", str(WIDTH), "--crop_size", "64",
-            "--batch_size", "2", "--num_workers", "0", "--mining_workers", "0", "--device", "cuda:0",
-            "--max_step", "4", *extra]
+            "--batch_size", "2", "--num_workers", "0", *mining, "--crf_backend", backend, "--device", "cuda:0",
+            "--network", network_name, "--max_step", "4", *extra]
     args = finalize_args(build_parser(train_from_cls_weight.DEFAULTS).parse_args(argv))
     return Trainer(args, setup_runtime(args), max_step=4)
 
@@ -30,9 +32,10 @@ def batch_of(voc_root):
     return default_collate([dataset[(i, 1.0)] for i in range(2)])
 
 
+@pytest.mark.parametrize("backend", ["pydensecrf", "torch"])
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
-def test_training_step_on_cuda(voc_root, amp):
-    trainer = cuda_trainer(voc_root, "--amp", amp)
+def test_training_step_on_cuda(voc_root, amp, backend):
+    trainer = cuda_trainer(voc_root, "--amp", amp, backend=backend)
     try:
         assert (trainer.grad_scaler is not None) == (amp == "fp16")
         before = [p.detach().clone() for p in trainer.model.parameters()]
@@ -71,3 +74,39 @@ def test_inference_on_cuda_equals_cpu(name):
     cpu_labels = predict_probs(model.cpu(), image).argmax(0)
     gpu_labels = predict_probs(model.cuda(), image.cuda()).argmax(0).cpu()
     assert (cpu_labels == gpu_labels).float().mean() >= 0.999
+
+
+@pytest.mark.parametrize("network_name", ["network.RRM", "network.RRM(attention)"])
+def test_a_torch_backend_step_never_waits_on_the_device(voc_root, network_name):
+    # Mining (CAM upsampling, both CRFs, thresholds), the losses (dense energy included), backward
+    # and the optimiser step under "error": any synchronising call raises. Only the logging point
+    # of `step` (outside `update`) reads the terms.
+    trainer = cuda_trainer(voc_root, backend="torch", network_name=network_name)
+    try:
+        batch = batch_of(voc_root)
+        trainer.step(batch, 0)  # first step: lazy CUDA/cuDNN initialisation may synchronise
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with pytest.raises(RuntimeError):
+                torch.ones(1, device="cuda").item()  # the mode is really on
+            result = trainer.update(batch, 1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert set(result.terms) == {"cls", "ce", "dense", "total"} | ({"bcd"} if "attention" in network_name else set())
+        assert all(value.device.type == "cuda" for value in result.terms.values())
+        assert all(torch.isfinite(value).item() for value in result.terms.values())
+    finally:
+        trainer.close()
+
+
+def test_torch_backend_training_step_on_cuda_equals_the_cpu_released_path(voc_root):
+    batch = batch_of(voc_root)
+    terms = {}
+    for backend in ("pydensecrf", "torch"):
+        trainer = cuda_trainer(voc_root, "--seed", "3", backend=backend)
+        try:
+            terms[backend] = trainer.step(batch, 0).terms
+        finally:
+            trainer.close()
+    for name, value in terms["pydensecrf"].items():
+        assert terms["torch"][name] == pytest.approx(value, rel=1e-3), name

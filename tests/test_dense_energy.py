@@ -1,10 +1,12 @@
 """Dense energy loss (SPEC §6) over the permutohedral filter."""
 import os
 
+import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from skimage import data as skimage_data
 
 from tool.bilateral import bilateral_filter
 from tool.dense_energy import DenseEnergyLoss, DenseEnergyLossFunction
@@ -84,7 +86,7 @@ def test_gradient_matches_finite_differences_with_gate_fixed():
     unlabelled = torch.ones(batch, height, width, dtype=torch.bool)
 
     def loss_at(p: torch.Tensor) -> torch.Tensor:
-        return DenseEnergyLossFunction.apply(images, p, roi, unlabelled, sigma_rgb, sigma_xy)
+        return DenseEnergyLossFunction.apply(images, p, roi, unlabelled, sigma_rgb, sigma_xy, "pydensecrf")
 
     probs.requires_grad_(True)
     loss_at(probs).backward()
@@ -143,3 +145,37 @@ def test_rejects_mismatched_shapes():
         DenseEnergyLoss()(images[:1], probs, roi, label)
     with pytest.raises(ValueError, match="sigma_xy must be > 0"):
         DenseEnergyLoss(sigma_xy=0.0)
+
+
+@pytest.mark.parametrize("case", ["vectors", "photographs"])
+def test_torch_backend_loss_and_gradient_match_the_cpp_filter(case):
+    if case == "vectors":
+        vectors = np.load(os.path.join(DATA, "joint_loss.npz"))
+        images = torch.from_numpy(vectors["original_images"]).float()
+        logits = F.interpolate(torch.from_numpy(vectors["seg_logits"]), size=images.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        roi, label = torch.from_numpy(vectors["roi"]), torch.from_numpy(vectors["pseudo_label"]).long()
+    else:
+        photos = [cv2.resize(getattr(skimage_data, name)(), (96, 80), interpolation=cv2.INTER_AREA)
+                  for name in ("astronaut", "chelsea")]
+        images = torch.from_numpy(np.stack(photos).transpose(0, 3, 1, 2).copy()).float()
+        generator = torch.Generator().manual_seed(11)
+        logits = F.avg_pool2d(4 * torch.randn(2, 21, 80, 96, generator=generator), 9, stride=1, padding=4)
+        roi = torch.ones(2, 80, 96)
+        roi[1, :, 80:] = 0
+        label = torch.randint(0, 21, (2, 80, 96), generator=generator)
+        label[:, ::3] = 255
+    results = {}
+    for backend in ("pydensecrf", "torch"):
+        probs = torch.softmax(logits.clone(), dim=1).requires_grad_(True)
+        loss = DenseEnergyLoss(backend=backend)(images, probs, roi, label)
+        loss.backward()
+        results[backend] = (loss.item(), probs.grad)
+    (cpp_loss, cpp_grad), (torch_loss, torch_grad) = results["pydensecrf"], results["torch"]
+    assert cpp_loss < 0 and torch_loss == pytest.approx(cpp_loss, rel=1e-4)
+    assert (torch_grad - cpp_grad).abs().max() <= 1e-4 * cpp_grad.abs().max()
+
+
+def test_unknown_backend_is_refused_when_built():
+    with pytest.raises(ValueError, match="--crf_backend must be one of"):
+        DenseEnergyLoss(backend="cuda")

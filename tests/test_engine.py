@@ -22,7 +22,6 @@ from tool.mining import ReliableRegionMiner
 from tool.train_batches import PositionSeededDataset, StepBatchSampler
 from voc12.data import TrainDatasetScaled
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -35,6 +34,13 @@ def tiny_argv(root, save_dir, *extra):
 
 def tiny_args(script, root, save_dir, *extra):
     return build_parser(script.DEFAULTS).parse_args(tiny_argv(root, save_dir, *extra))
+
+
+def tiny_args_without_mining_workers(root, save_dir, *extra):
+    """tiny_args of train_from_cls_weight, leaving --mining_workers at its default (the torch backend's)."""
+    argv = tiny_argv(root, save_dir, *extra)
+    at = argv.index("--mining_workers")
+    return finalize_args(build_parser(train_from_cls_weight.DEFAULTS).parse_args(argv[:at] + argv[at + 2:]))
 
 
 # ---- step-indexed batches -------------------------------------------------------------------
@@ -146,6 +152,53 @@ def test_mine_pseudo_labels_hands_the_miner_the_released_per_image_inputs():
         np.testing.assert_array_equal(seen["images"][i], originals[i].numpy().transpose(1, 2, 0))
     assert seen["images"].dtype == np.uint8 and seen["images"].flags.c_contiguous
     np.testing.assert_array_equal(seen["labels"], labels.numpy())
+
+
+def test_torch_backend_mines_the_labels_of_the_pydensecrf_path(voc_root):
+    # A tiny random network's CAMs on the synthetic crops: mining on the tensors' device (here the
+    # CPU) with the torch CRF against the pydensecrf miner; the CRFs agree to ~1e-5, the labels
+    # on at least 99.9% of pixels.
+    torch.manual_seed(1)
+    model = build_segnet("network.RRM", 0.0625).eval()
+    dataset = TrainDatasetScaled(voc_root, crop_size=96, seed=3)
+    batch = torch.utils.data.default_collate([dataset[(i, 1.0)] for i in range(4)])
+    with torch.no_grad():
+        cam = model(batch["image"])[1]
+    expected = mine_pseudo_labels(cam, batch["label"], batch["original"], ReliableRegionMiner(0))
+    mined = mine_pseudo_labels(cam, batch["label"], batch["original"], None)
+    assert isinstance(mined, torch.Tensor) and mined.dtype == torch.int64
+    assert len(np.unique(expected)) >= 3
+    assert (mined.numpy() == expected).mean() >= 0.999
+
+
+def test_crf_backend_flag_resolution_and_the_flags_it_makes_meaningless(voc_root, tmp_path):
+    args = finalize_args(tiny_args(train_from_cls_weight, voc_root, tmp_path))
+    auto = Trainer(args, setup_runtime(args), 10)
+    assert auto.crf_backend == "pydensecrf" and auto.miner is not None  # auto on the CPU: the released path
+    auto.close()
+    args = tiny_args_without_mining_workers(voc_root, tmp_path, "--crf_backend", "torch")
+    trainer = Trainer(args, setup_runtime(args), 10)
+    assert trainer.crf_backend == "torch" and trainer.miner is None and trainer.dense_energy.backend == "torch"
+    args = finalize_args(tiny_args(train_from_cls_weight, voc_root, tmp_path, "--crf_backend", "torch"))
+    with pytest.raises(ValueError, match="--mining_workers applies to --crf_backend pydensecrf"):
+        Trainer(args, setup_runtime(args), 10)
+    with pytest.raises(SystemExit):
+        tiny_args(train_from_cls_weight, voc_root, tmp_path, "--crf_backend", "cuda")
+
+
+def test_a_step_with_the_torch_backend_equals_the_released_path(voc_root, tmp_path):
+    dataset = TrainDatasetScaled(voc_root, crop_size=64, seed=0)
+    batch = torch.utils.data.default_collate([dataset[(i, 1.0)] for i in range(2)])
+    terms = {}
+    for backend in ("pydensecrf", "torch"):
+        args = tiny_args_without_mining_workers(voc_root, tmp_path, "--crf_backend", backend, "--seed", "2")
+        trainer = Trainer(args, setup_runtime(args), max_step=100)
+        terms[backend] = [trainer.step(batch, t).terms for t in range(2)]
+        trainer.close()
+    for released, ours in zip(terms["pydensecrf"], terms["torch"]):
+        assert set(released) == set(ours) == {"cls", "ce", "dense", "total"}
+        for name in released:
+            assert ours[name] == pytest.approx(released[name], rel=1e-4), name
 
 
 # ---- one trainer ----------------------------------------------------------------------------

@@ -2,16 +2,18 @@ import json
 import math
 import os
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from skimage import data as skimage_data
 
 import infer_RRM
 import network
 from tool import allocator
 from tool.crf import inference_crf
-from tool.crf_pool import CrfPool
+from tool.crf_pool import CrfPool, crf_label_map
 from tool.inference import cam_label_map, evaluate_cam, load_model, predict_probs, run_inference
 from voc12.data import CLASS_NAMES, EvalDataset, normalise, to_chw
 from voc12.synthetic import generate_dataset
@@ -261,3 +263,37 @@ def test_amp_modes(weights):
         predict_probs(model, image, amp="fp16")
     with pytest.raises(ValueError, match="--amp 'fp8'"):
         predict_probs(model, image, amp="fp8")
+
+
+def test_torch_crf_backend_predicts_the_pydensecrf_labels(voc_root, weights, tmp_path):
+    # The script with --crf_backend torch (on the CPU here): no worker processes, CRF labels equal to
+    # the released pydensecrf path on >= 99.9% of the pixels of every image.
+    name = "network.RRM"
+    summary = infer_RRM.main(infer_args(voc_root, weights[name], name, tmp_path / "torch",
+                                        "--out_la_crf", str(tmp_path / "torch" / "crf"), "--crf_backend", "torch"))
+    assert summary["crf_backend"] == "torch" and summary["crf_applied"]
+    model = load_model(name, weights[name], WIDTH)
+    for image_id in val_ids(voc_root):
+        with Image.open(os.path.join(voc_root, "JPEGImages", image_id + ".jpg")) as image:
+            original = np.array(image.convert("RGB"))
+        x = torch.from_numpy(to_chw(normalise(original)))[None]
+        with torch.no_grad():
+            logits = torch.nn.functional.interpolate(model.predict_seg(x), size=original.shape[:2],
+                                                     mode="bilinear", align_corners=False)[0]
+        released = inference_crf(original, torch.softmax(logits, 0).numpy()).argmax(0)
+        ours = read_png(tmp_path / "torch" / "crf" / f"{image_id}.png")[1]
+        assert (ours == released).mean() >= 0.999
+    with pytest.raises(SystemExit):
+        infer_RRM.main(infer_args(voc_root, weights[name], name, tmp_path / "bad", "--crf_backend", "torch",
+                                  "--crf_workers", "2"))
+
+
+def test_torch_crf_label_map_equals_pydensecrf_on_a_photograph():
+    image = cv2.resize(skimage_data.astronaut(), (160, 120), interpolation=cv2.INTER_AREA)
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.nn.functional.avg_pool2d(6 * torch.randn(1, 21, 120, 160, generator=generator), 15, stride=1,
+                                            padding=7)[0]
+    probs = torch.softmax(logits * 4, 0)
+    released = crf_label_map(image, probs.numpy())
+    ours = crf_label_map(image, probs)
+    assert len(np.unique(released)) >= 4 and (ours == released).mean() >= 0.999

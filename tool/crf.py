@@ -1,6 +1,14 @@
-"""Fully connected CRF (Krähenbühl & Koltun) over softmax-like probabilities, via pydensecrf."""
+"""Fully connected CRF (Krähenbühl & Koltun) over softmax-like probabilities, via pydensecrf.
+
+The backend choice (`--crf_backend`) lives here too: `pydensecrf` is the released CPU path
+(pydensecrf CRFs, the C++ lattice for the dense energy), `torch` the PyTorch lattice on the
+tensors' device (`tool.lattice`, `tool.crf_torch`), `auto` = torch on CUDA, else pydensecrf.
+"""
+import argparse
+
 import numpy as np
 import pydensecrf.densecrf as dcrf
+import torch
 
 PROB_CLIP = 1e-5
 # SPEC §5 (mining) and SPEC §10 (test-time post-processing).
@@ -8,6 +16,23 @@ TRAINING_CRF_PARAMS = dict(iterations=10, gauss_sxy=3, gauss_compat=3, bilateral
                            bilateral_srgb=13, bilateral_compat=10)
 INFERENCE_CRF_PARAMS = dict(iterations=10, gauss_sxy=3, gauss_compat=3, bilateral_sxy=83,
                             bilateral_srgb=5, bilateral_compat=4)
+CRF_BACKENDS = ("auto", "pydensecrf", "torch")
+
+
+def resolve_crf_backend(backend: str, device: torch.device | str) -> str:
+    """'pydensecrf' or 'torch' for a --crf_backend value on `device` (auto: torch on CUDA only)."""
+    if backend not in CRF_BACKENDS:
+        raise ValueError(f"--crf_backend must be one of {', '.join(CRF_BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "torch" if torch.device(device).type == "cuda" else "pydensecrf"
+    return backend
+
+
+def add_crf_backend_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--crf_backend", choices=CRF_BACKENDS, default="auto",
+                        help="dense CRFs (mining, inference) and the dense energy filter: pydensecrf = the released "
+                             "CPU path (pydensecrf, C++ lattice), torch = PyTorch lattice on the run's device; "
+                             "auto (default) = torch on CUDA, pydensecrf on the CPU")
 
 
 def _check_inputs(image: np.ndarray, probs: np.ndarray) -> None:

@@ -7,15 +7,24 @@ from collections import deque
 from typing import Hashable
 
 import numpy as np
+import torch
 
 from tool.crf import inference_crf
+from tool.crf_torch import inference_crf_torch
 from voc12.lists import write_palette_mask, write_plain_mask
 
 
-def crf_label_map(image: np.ndarray, probs: np.ndarray, plain_path: str | None = None,
+def crf_label_map(image: np.ndarray | torch.Tensor, probs: np.ndarray | torch.Tensor, plain_path: str | None = None,
                   color_path: str | None = None) -> np.ndarray:
-    """argmax of the inference CRF (SPEC §10) as uint8 (H,W); optionally written as index/palette PNGs."""
-    labels = np.argmax(inference_crf(image, probs), axis=0).astype(np.uint8)
+    """argmax of the inference CRF (SPEC §10) as uint8 (H,W); optionally written as index/palette PNGs.
+
+    image (H,W,3) uint8 and probs (K,H,W): numpy arrays for pydensecrf, or tensors for the torch CRF
+    on their device (the label map alone comes back to the host)."""
+    if isinstance(probs, torch.Tensor):
+        image_chw = torch.as_tensor(image).to(probs.device).permute(2, 0, 1)[None]
+        labels = inference_crf_torch(image_chw, probs[None].float())[0].argmax(0).to(torch.uint8).cpu().numpy()
+    else:
+        labels = np.argmax(inference_crf(image, probs), axis=0).astype(np.uint8)
     if plain_path is not None:
         write_plain_mask(plain_path, labels)
     if color_path is not None:
@@ -34,7 +43,8 @@ class CrfPool:
     """Runs `crf_label_map` jobs on `workers` processes (0: in the calling process, when submitted).
 
     At most `max_pending` jobs are in flight; `submit` waits for the oldest beyond that, which bounds
-    the memory held by queued probability maps. Results come back in submission order.
+    the memory held by queued probability maps. Results come back in submission order. Tensors
+    (the torch backend) are solved in this process on their device: workers must be 0.
     """
 
     def __init__(self, workers: int, max_pending: int | None = None) -> None:
@@ -48,10 +58,13 @@ class CrfPool:
         self._pool = _start_context().Pool(workers, initializer=os.nice, initargs=(5,)) if workers > 0 else None
         self._pending: deque = deque()
 
-    def submit(self, key: Hashable, image: np.ndarray, probs: np.ndarray, plain_path: str | None = None,
+    def submit(self, key: Hashable, image: np.ndarray | torch.Tensor, probs: np.ndarray | torch.Tensor,
+               plain_path: str | None = None,
                color_path: str | None = None) -> list[tuple[Hashable, np.ndarray]]:
         """Queue one CRF; returns the (key, label map) pairs that are finished by now (in order)."""
         args = (image, probs, plain_path, color_path)
+        if isinstance(probs, torch.Tensor) and self._pool is not None:
+            raise ValueError("CrfPool: the torch CRF runs in this process on the tensors' device; use 0 workers")
         if self._pool is None:
             return [(key, crf_label_map(*args))]
         self._pending.append((key, self._pool.apply_async(crf_label_map, args)))

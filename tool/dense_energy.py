@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tool.bilateral import bilateral_filter
+from tool.crf import resolve_crf_backend
+from tool.lattice import bilateral_filter_torch
 from voc12.lists import IGNORE_LABEL
 
 
@@ -21,6 +23,7 @@ class DenseEnergyLossFunction(torch.autograd.Function):
         unlabelled: torch.Tensor,
         sigma_rgb: float,
         sigma_xy: float,
+        backend: str,
     ) -> torch.Tensor:
         batch = probs.shape[0]
         roi = roi.to(device=probs.device, dtype=probs.dtype)
@@ -28,9 +31,12 @@ class DenseEnergyLossFunction(torch.autograd.Function):
         gate = torch.clamp(roi - probs.max(dim=1)[0], min=0)
         gate = torch.where(unlabelled, torch.ones_like(gate), gate)
         masked = probs * roi.unsqueeze(1)
-        # The lattice runs on the CPU; its result returns to the inputs' device.
-        filtered = bilateral_filter(images, masked, sigma_rgb, sigma_xy)
-        gated = torch.from_numpy(filtered).to(device=probs.device, dtype=probs.dtype) * gate.unsqueeze(1)
+        if backend == "torch":
+            filtered = bilateral_filter_torch(images.float(), masked.float(), sigma_rgb, sigma_xy)
+        else:
+            # The C++ lattice runs on the CPU; its result returns to the inputs' device.
+            filtered = torch.from_numpy(bilateral_filter(images, masked, sigma_rgb, sigma_xy)).to(probs.device)
+        gated = filtered.to(dtype=probs.dtype) * gate.unsqueeze(1)
         loss = -(masked.double() * gated.double()).sum() / batch
         ctx.save_for_backward(gated * roi.unsqueeze(1))
         ctx.batch = batch
@@ -40,16 +46,22 @@ class DenseEnergyLossFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (gated_roi,) = ctx.saved_tensors
         grad_probs = -2.0 * grad_output * gated_roi / ctx.batch
-        return None, grad_probs, None, None, None, None
+        return None, grad_probs, None, None, None, None, None
 
 
 class DenseEnergyLoss(nn.Module):
-    """Released defaults: weight 1e-7, sigma_rgb 15, sigma_xy 100, evaluated at scale 0.5."""
+    """Released defaults: weight 1e-7, sigma_rgb 15, sigma_xy 100, evaluated at scale 0.5.
+
+    backend (a --crf_backend value): 'pydensecrf' filters with the released C++ lattice on the CPU,
+    'torch' with the PyTorch lattice on the inputs' device, 'auto' picks torch for CUDA inputs.
+    """
 
     def __init__(
-        self, weight: float = 1e-7, sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale_factor: float = 0.5
+        self, weight: float = 1e-7, sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale_factor: float = 0.5,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        resolve_crf_backend(backend, "cpu")  # rejects an unknown name now, not at the first step
         for name, value in (("sigma_rgb", sigma_rgb), ("sigma_xy", sigma_xy)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -59,6 +71,7 @@ class DenseEnergyLoss(nn.Module):
         self.sigma_rgb = sigma_rgb
         self.sigma_xy = sigma_xy
         self.scale_factor = scale_factor
+        self.backend = backend
 
     def forward(
         self, images: torch.Tensor, probs: torch.Tensor, roi: torch.Tensor, label: torch.Tensor
@@ -77,5 +90,6 @@ class DenseEnergyLoss(nn.Module):
         scaled_label = F.interpolate(label.unsqueeze(1).float(), scale_factor=scale).squeeze(1)
         unlabelled = scaled_label.long() == IGNORE_LABEL
         return self.weight * DenseEnergyLossFunction.apply(
-            scaled_images, scaled_probs, scaled_roi, unlabelled, self.sigma_rgb, self.sigma_xy * scale
+            scaled_images, scaled_probs, scaled_roi, unlabelled, self.sigma_rgb, self.sigma_xy * scale,
+            resolve_crf_backend(self.backend, probs.device),
         )

@@ -29,10 +29,12 @@ from tool.allocator import add_memory_argument, apply_memory_choice
 from tool.checkpoint import (atomic_write_text, capture_rng_state, load_resume_checkpoint, restore_rng_state,
                              save_model_weights, save_resume_checkpoint, unwrap_model)
 from tool.cli import inputs_checked
+from tool.crf import add_crf_backend_argument, resolve_crf_backend
+from tool.crf_torch import training_crf_torch
 from tool.dense_energy import DenseEnergyLoss
 from tool.device import add_device_arguments, autocast_context, cores_per_process, pick_device, resolve_amp
 from tool.losses import classification_loss, joint_loss
-from tool.mining import ReliableRegionMiner, normalise_cam
+from tool.mining import ReliableRegionMiner, mine_reliable_regions_torch, normalise_cam, normalise_cams_torch
 from tool.schedule import OPTIMIZERS, SECOND_PHASE_LR, LearningRateSchedule, build_optimizer
 from tool.train_batches import PositionSeededDataset, StepBatchSampler
 from tool.weights import load_weights
@@ -123,6 +125,7 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
                             "process's share of the usable cores: affinity and cgroup quota over torchrun's local "
                             "processes)")
     optim.add_argument("--seed", type=int, default=0)
+    add_crf_backend_argument(optim)
 
     device = parser.add_argument_group("device")
     add_device_arguments(device)
@@ -293,11 +296,18 @@ def compute_max_step(args: argparse.Namespace, num_items: int) -> int:
 
 
 def mine_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, originals: torch.Tensor,
-                       miner: ReliableRegionMiner) -> np.ndarray:
+                       miner: ReliableRegionMiner | None) -> np.ndarray | torch.Tensor:
     """CAM (B,20,h,w) -> crop size (bilinear, align_corners False), absent classes zeroed and each
-    map normalised, then reliable-region mining on the uint8 crops: (B,H,W) in {0..20,255}."""
+    map normalised, then reliable-region mining on the uint8 crops: (B,H,W) in {0..20,255}.
+
+    miner None = the torch backend: everything on cam's device (labels: the loader's CPU copy, which
+    lays out the CRF channels on the host), a tensor there; else a numpy array from the CPU miner."""
     height, width = originals.shape[-2:]
     cam_up = F.interpolate(cam.detach().float(), size=(height, width), mode="bilinear", align_corners=False)
+    if miner is None:
+        norm_cams = normalise_cams_torch(cam_up, labels)
+        return mine_reliable_regions_torch(originals.to(cam_up.device, non_blocking=True), labels, norm_cams,
+                                           training_crf_torch)
     cam_np = cam_up.cpu().numpy()
     labels_np = labels.detach().cpu().numpy()
     norm_cams = np.stack([normalise_cam(cam_np[i], labels_np[i]) for i in range(cam_np.shape[0])])
@@ -307,7 +317,7 @@ def mine_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, originals: torch
 
 @dataclass
 class StepResult:
-    terms: dict[str, float]
+    terms: dict[str, float] | dict[str, torch.Tensor]
     classification_only: bool
     timings: dict[str, float] = field(default_factory=dict)
     cpu_timings: dict[str, float] = field(default_factory=dict)
@@ -352,16 +362,29 @@ class Trainer:
             self.model = model
         self.model.train()
         self.grad_scaler = torch.amp.GradScaler("cuda") if resolve_amp(args.amp, runtime.device) == "fp16" else None
+        self.crf_backend = resolve_crf_backend(args.crf_backend, runtime.device)
+        if self.crf_backend == "torch" and args.mining_workers is not None:
+            raise ValueError("--mining_workers applies to --crf_backend pydensecrf; the torch backend mines on "
+                             f"{runtime.device} in this process")
         self.dense_energy = (DenseEnergyLoss(weight=args.densecrfloss, sigma_rgb=args.sigma_rgb,
-                                             sigma_xy=args.sigma_xy, scale_factor=args.rloss_scale)
+                                             sigma_xy=args.sigma_xy, scale_factor=args.rloss_scale,
+                                             backend=self.crf_backend)
                              if args.densecrfloss > 0 else None)
-        self.miner = ReliableRegionMiner(args.mining_workers)
+        self.miner = ReliableRegionMiner(args.mining_workers) if self.crf_backend == "pydensecrf" else None
 
     def close(self) -> None:
-        self.miner.close()
+        if self.miner is not None:
+            self.miner.close()
 
     def step(self, batch: Mapping[str, Any], t: int, timed: bool = False) -> StepResult:
-        """Update t (t updates already made): set the lr, forward, mine, losses, backward, step."""
+        """`update`, then the logging point: the loss terms as floats, the step's only device-to-host copy."""
+        result = self.update(batch, t, timed)
+        result.terms = dict(zip(result.terms, torch.stack(list(result.terms.values())).tolist()))
+        return result
+
+    def update(self, batch: Mapping[str, Any], t: int, timed: bool = False) -> StepResult:
+        """Update t (t updates already made): set the lr, forward, mine, losses, backward, step.
+        The terms stay 0-d tensors on the device (with the torch CRF backend nothing here waits on it)."""
         device = self.runtime.device
         clock = _StageClock(timed, device)
         images = batch["image"].to(device, non_blocking=True)
@@ -376,12 +399,12 @@ class Trainer:
         clock.lap("forward")
         if cls_only:
             loss = classification_loss(outputs.float(), labels)
-            terms = {"cls": float(loss.detach()), "total": float(loss.detach())}
+            terms = {"cls": loss.detach(), "total": loss.detach()}
         else:
             logits, cam, seg = outputs[0], outputs[1], outputs[2]
             seg = seg[0] if isinstance(seg, (list, tuple)) else seg
             seg_feature = outputs[3].float() if len(outputs) == 4 else None
-            pseudo_label = mine_pseudo_labels(cam, labels, batch["original"], self.miner)
+            pseudo_label = mine_pseudo_labels(cam, batch["label"], batch["original"], self.miner)
             clock.lap("mining")
             # Losses in float32 (dense energy and CE need it); autocast is off out here.
             loss, terms = joint_loss(logits.float(), labels, seg.float(), pseudo_label,

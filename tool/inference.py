@@ -147,6 +147,7 @@ def _png_path(folder: str | None, image_id: str) -> str | None:
 def run_inference(model: nn.Module, dataset: Dataset, *, out_pred_dir: str | None = None,
                   out_crf_dir: str | None = None, out_color_dir: str | None = None, crf: bool = True,
                   scales: Sequence[float] = (1.0,), flip: bool = False, crf_workers: int = 1,
+                  crf_backend: str = "pydensecrf",
                   amp: str = "none", num_workers: int = 0, summary_path: str | None = None,
                   progress: bool = True, extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """Predict every item of `dataset` (evaluation dicts), write PNGs, score against 'gt' when present.
@@ -154,12 +155,18 @@ def run_inference(model: nn.Module, dataset: Dataset, *, out_pred_dir: str | Non
     Writes `<out_pred_dir>/<id>.png` (no CRF) and, with `crf`, `<out_crf_dir>/<id>.png`, as 8-bit
     class-index PNGs; `out_color_dir` adds VOC-palette copies under `no_crf/` and `crf/`. Any
     output folder may be None (nothing written). CRFs run on `crf_workers` processes (0: in this
-    process, after each forward). Returns the summary dict (also written to `summary_path` as JSON):
+    process, after each forward); crf_backend 'torch' solves them on the model's device instead
+    (crf_workers must then be 0). Returns the summary dict (also written to `summary_path` as JSON):
     num_images, num_images_with_gt, seconds, images_per_second, scales, flip, crf_applied, and 'no_crf' /
     'crf' metrics ({mean_iou, pixel_accuracy, num_pixels, iou: {class: IoU or None}}, fractions;
     None without ground truth or without CRF).
     """
     device = next(model.parameters()).device
+    if crf_backend not in ("pydensecrf", "torch"):
+        raise ValueError(f"run_inference: crf_backend must be 'pydensecrf' or 'torch' (resolved), got {crf_backend!r}")
+    if crf_backend == "torch" and crf and crf_workers != 0:
+        raise ValueError(f"--crf_workers {crf_workers}: the torch CRF runs in this process on {device}; "
+                         f"CRF worker processes apply to --crf_backend pydensecrf")
     color_dirs = {kind: os.path.join(out_color_dir, kind) if out_color_dir else None for kind in ("no_crf", "crf")}
     for folder in (out_pred_dir, out_crf_dir if crf else None, color_dirs["no_crf"], color_dirs["crf"] if crf else None):
         if folder:
@@ -196,7 +203,8 @@ def run_inference(model: nn.Module, dataset: Dataset, *, out_pred_dir: str | Non
                 if gt is not None:
                     waiting_gt[image_id] = np.asarray(gt)
                 original = np.ascontiguousarray(np.asarray(item["original"], dtype=np.uint8))
-                score_crf(pool.submit(image_id, original, probs.cpu().numpy(),
+                crf_input = probs if crf_backend == "torch" else probs.cpu().numpy()
+                score_crf(pool.submit(image_id, original, crf_input,
                                       _png_path(out_crf_dir, image_id), _png_path(color_dirs["crf"], image_id)))
         score_crf(pool.drain())
     seconds = time.perf_counter() - start

@@ -75,33 +75,30 @@ def bcd_loss(seg: Tensor, seg_feature: Tensor) -> Tensor:
         feature_norm[..., None] * fg_centre.norm(dim=1) + COS_EPS)
     fg_terms = ((1 - fg_cos) * fg_member).sum(dim=(0, 1)) / (fg_count + COUNT_EPS)
 
-    present = fg_count > 0
-    num_fg = int(present.sum())
-    pixel_term = (bg_terms.sum() + fg_terms[present].sum()) / (num_fg + batch)
-    if num_fg == 0:
-        return pixel_term
-    centres = fg_centre[present]
-    if num_fg > 1:
-        off_diagonal = ~torch.eye(num_fg, dtype=torch.bool, device=centres.device)
-        fg_fg = (1 + _cosine(centres, centres))[off_diagonal].mean()
-    else:
-        fg_fg = centres.new_zeros(())
-    if bool(bg_count.sum() > 0):
-        fg_bg = (1 + _cosine(centres, bg_centre)).mean()
-        return 0.5 * fg_fg + 0.5 * fg_bg + pixel_term
-    return 0.5 * fg_fg + NO_BG_CENTRE_TERM + pixel_term
+    # Means over the present classes as masked sums over all 20, so nothing waits on the device.
+    present = (fg_count > 0).to(features.dtype)                              # (20,)
+    num_fg = present.sum()
+    pixel_term = (bg_terms.sum() + (fg_terms * present).sum()) / (num_fg + batch)
+    pairs = present[:, None] * present[None, :] * (1 - torch.eye(num_labels - 1, dtype=features.dtype,
+                                                                 device=features.device))
+    fg_fg = ((1 + _cosine(fg_centre, fg_centre)) * pairs).sum() / pairs.sum().clamp(min=1)
+    fg_bg = ((1 + _cosine(fg_centre, bg_centre)) * present[:, None]).sum() / (num_fg * batch).clamp(min=1)
+    has_bg_pixel = bg_count.sum() > 0
+    centre_term = 0.5 * fg_fg + torch.where(has_bg_pixel, 0.5 * fg_bg, fg_bg.new_tensor(NO_BG_CENTRE_TERM))
+    return pixel_term + torch.where(num_fg > 0, centre_term, centre_term.new_zeros(()))
 
 
 def joint_loss(logits: Tensor, labels: Tensor, seg_logits: Tensor, pseudo_label: Tensor | np.ndarray,
                original_images: Tensor, roi: Tensor, dense_energy: nn.Module | None,
-               seg_feature: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+               seg_feature: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one training step: cls + split CE + dense energy [+ BCD when seg_feature is given].
 
     logits (B,20); labels (B,20) multi-hot; seg_logits (B,21,h,w) at feature resolution;
     pseudo_label (B,H,W) in {0..20,255} at crop size; original_images (B,3,H,W) 0..255 (any dtype);
     roi (B,H,W) 1 = real pixel; dense_energy a DenseEnergyLoss or None to leave that term out;
     seg_feature (B,C,h,w) of the attention variant turns on the BCD term (on seg_logits).
-    Returns the total and each term as a float, keys 'cls', 'ce', ['dense'], ['bcd'], 'total'.
+    Returns the total and each term detached (0-d tensors on the loss's device, so that reading them
+    is left to the logging point), keys 'cls', 'ce', ['dense'], ['bcd'], 'total'.
     """
     device = seg_logits.device
     pseudo_label = torch.as_tensor(pseudo_label).to(device=device, dtype=torch.long)
@@ -116,6 +113,6 @@ def joint_loss(logits: Tensor, labels: Tensor, seg_logits: Tensor, pseudo_label:
     if seg_feature is not None:
         terms["bcd"] = bcd_loss(seg_logits, seg_feature)
     total = sum(value.to(device) for value in terms.values())
-    logged = {name: float(value.detach()) for name, value in terms.items()}
-    logged["total"] = float(total.detach())
+    logged = {name: value.detach() for name, value in terms.items()}
+    logged["total"] = total.detach()
     return total, logged

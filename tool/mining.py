@@ -2,11 +2,13 @@
 import multiprocessing
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, Literal
 
 import numpy as np
+import torch
 
-from tool.crf import TRAINING_CRF_PARAMS, dense_crf_same_image
+from tool.crf import TRAINING_CRF_PARAMS, dense_crf_same_image, resolve_crf_backend
+from tool.crf_torch import training_crf_torch
 from tool.device import cores_per_process
 from voc12.lists import IGNORE_LABEL, NUM_CLASSES
 
@@ -63,13 +65,21 @@ def _class_thresholds(classes: np.ndarray, cam_img: np.ndarray, cam_value: np.nd
     return thresholds
 
 
-def mine_reliable_regions(image: np.ndarray, label: np.ndarray, norm_cam: np.ndarray) -> np.ndarray:
+def mine_reliable_regions(image: np.ndarray, label: np.ndarray, norm_cam: np.ndarray,
+                          backend: str = "auto") -> np.ndarray:
     """Pseudo label (H,W) int64 in {0..20, 255} of one crop, SPEC §5.
 
     Works on [bg; present classes] channels only: absent classes are 0 in the released 21-channel
     maps and never win an argmax there (the winner is > 0), so the labels are identical.
+    backend: a --crf_backend value; these are CPU arrays, so auto = pydensecrf (released); torch runs
+    `mine_reliable_regions_torch` with the torch CRF on the CPU.
     """
     _check_mining_inputs(image, label, norm_cam)
+    if resolve_crf_backend(backend, "cpu") == "torch":
+        image_tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+        norm_cams = torch.from_numpy(np.ascontiguousarray(norm_cam, dtype=np.float32))[None]
+        return mine_reliable_regions_torch(image_tensor, np.asarray(label)[None], norm_cams,
+                                           training_crf_torch)[0].numpy()
     present = np.flatnonzero(np.asarray(label) > 1e-5)
     if present.size == 0:
         # A one-label CRF has marginal 1 everywhere and bg CAM is 1: everything is sure background.
@@ -177,3 +187,258 @@ class ReliableRegionMiner:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Batched torch mining (SPEC §5) that stays on the inputs' device, without host-device syncs.
+# ------------------------------------------------------------------------------------------------
+
+# A CRF over a batch: images (B,3,H,W) uint8, probs (B,2,K,H,W) for alpha 4 and 32 with channels
+# [bg; present classes ascending; padding], label_mask (B,K) bool (False = padding, an absent label)
+# -> marginals (B,2,K,H,W) on probs' device (tool/crf_torch.py is to provide one on the GPU).
+BatchCRF = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+PowerMode = Literal["auto", "numpy", "float64"]
+
+# Constants rounded to float32 once: comparing a float32 tensor with them gives the NEP 50 float32
+# comparison of the numpy path whether torch compares in float32 or float64.
+_F32_CAM_FLOOR = float(np.float32(CAM_FLOOR))
+_F32_BG_CAM_SURE = float(np.float32(BG_CAM_SURE))
+_LABEL_PRESENT = 1e-5
+
+
+def _present_classes_host(labels: "torch.Tensor | np.ndarray", name: str) -> np.ndarray:
+    """labels (B,20) on the host -> bool (B,20) with numpy's `label > 1e-5` (in labels' dtype)."""
+    if isinstance(labels, torch.Tensor):
+        if labels.device.type != "cpu":
+            raise ValueError(f"{name}: labels must be a host (CPU) tensor or numpy array, the channel "
+                             f"layout is decided on the host; got a tensor on {labels.device} (pass "
+                             f"the loader's CPU copy: reading a device tensor would synchronise)")
+        labels = labels.detach().numpy()
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.shape[1] != NUM_CLASSES:
+        raise ValueError(f"{name}: labels must be (B, {NUM_CLASSES}), got shape {labels.shape}")
+    return labels > _LABEL_PRESENT
+
+
+def normalise_cams_torch(cams: torch.Tensor, labels: "torch.Tensor | np.ndarray") -> torch.Tensor:
+    """`normalise_cam` of each image of a batch: cams (B,20,H,W) float32/float64 on any device,
+    labels (B,20) (any device, or numpy) -> (B,20,H,W) on cams' device, same dtype.
+
+    Absent classes (label <= 1e-5) become 0, each map is divided by (its spatial max + 1e-5), all in
+    cams' dtype as numpy does (NEP 50: the Python 1e-5 is rounded to that dtype), so the result equals
+    `normalise_cam` bit for bit. No host-device synchronisation.
+    """
+    if not isinstance(cams, torch.Tensor) or cams.ndim != 4 or cams.shape[1] != NUM_CLASSES:
+        raise ValueError(f"normalise_cams_torch: cams must be a (B, {NUM_CLASSES}, H, W) tensor, got "
+                         f"{type(cams).__name__} {tuple(getattr(cams, 'shape', ()))}")
+    if cams.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"normalise_cams_torch: cams must be float32 or float64, got {cams.dtype}")
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.from_numpy(np.asarray(labels))
+    if labels.shape != (cams.shape[0], NUM_CLASSES):
+        raise ValueError(f"normalise_cams_torch: labels must be ({cams.shape[0]}, {NUM_CLASSES}) to "
+                         f"match cams, got {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        # numpy compares in the labels' dtype: round 1e-5 to it.
+        present = labels > torch.tensor(_LABEL_PRESENT, dtype=labels.dtype)
+    else:
+        present = labels > 0
+    present = present.to(cams.device, non_blocking=True)[:, :, None, None]
+    masked = torch.where(present, cams, torch.zeros((), dtype=cams.dtype, device=cams.device))
+    return masked / (masked.amax(dim=(2, 3), keepdim=True) + _LABEL_PRESENT)
+
+
+def _power_float64(base: torch.Tensor, exponent: int) -> torch.Tensor:
+    """base**exponent (non-negative int) by square-and-multiply in float64, rounded once to base's
+    dtype. IEEE float64 products are the same on every device, so the result is too; for
+    float32 bases 1 - m it equals the correctly rounded power (checked for every float32 1 - m,
+    m in [0, 1], for exponents 4 and 32)."""
+    result = torch.ones_like(base, dtype=torch.float64)
+    square = base.to(torch.float64)
+    while exponent:
+        if exponent & 1:
+            result = result * square
+        exponent >>= 1
+        if exponent:
+            square = square * square
+    return result.to(base.dtype)
+
+
+def _power(base: torch.Tensor, exponent: int, mode: PowerMode) -> torch.Tensor:
+    """The bg powers (1 - max)^alpha. 'numpy': numpy's own float32 power on the CPU tensor's memory
+    (numpy uses SVML on AVX-512 CPUs, which is off by 1 ulp from the correctly rounded value for ~20%
+    of inputs, so only numpy itself reproduces the numpy path); 'float64': `_power_float64`, the same
+    on every device; 'auto': numpy on CPU tensors, float64 elsewhere."""
+    if mode == "auto":
+        mode = "numpy" if base.device.type == "cpu" else "float64"
+    if mode == "float64":
+        return _power_float64(base, exponent)
+    if base.device.type != "cpu":
+        raise ValueError(f"mine_reliable_regions_torch: power='numpy' needs CPU tensors, got {base.device}")
+    return torch.from_numpy(np.power(base.detach().numpy(), exponent))
+
+
+def _first_argmax(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, argmax) over dim 1 of (B,K,H,W) with numpy's rules: the first maximal index, and the
+    first NaN if there is one. A loop over the few channels: torch's CPU argmax over a non-inner
+    dimension is several times slower than these K elementwise steps (the same on a GPU)."""
+    best = maps[:, 0]
+    index = torch.zeros(best.shape, dtype=torch.int64, device=maps.device)
+    for channel in range(1, maps.shape[1]):
+        value = maps[:, channel]
+        better = (value > best) | (torch.isnan(value) & ~torch.isnan(best))
+        best = torch.where(better, value, best)
+        index = torch.where(better, torch.full((), channel, dtype=torch.int64, device=maps.device), index)
+    return best, index
+
+
+def _check_torch_mining_inputs(images: torch.Tensor, norm_cams: torch.Tensor, crf: BatchCRF,
+                               power: str) -> None:
+    name = "mine_reliable_regions_torch"
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 \
+            or images.shape[1] != 3:
+        raise ValueError(f"{name}: images must be a uint8 (B, 3, H, W) tensor, got "
+                         f"{type(images).__name__} {getattr(images, 'dtype', '')} "
+                         f"{tuple(getattr(images, 'shape', ()))}")
+    batch, _, height, width = images.shape
+    if not isinstance(norm_cams, torch.Tensor) or tuple(norm_cams.shape) != (batch, NUM_CLASSES, height, width):
+        raise ValueError(f"{name}: norm_cams must be a ({batch}, {NUM_CLASSES}, {height}, {width}) tensor "
+                         f"to match images, got {type(norm_cams).__name__} "
+                         f"{tuple(getattr(norm_cams, 'shape', ()))}")
+    if norm_cams.dtype != torch.float32:
+        raise ValueError(f"{name}: norm_cams must be float32 (the numpy path's dtype), got {norm_cams.dtype}")
+    if norm_cams.device != images.device:
+        raise ValueError(f"{name}: norm_cams is on {norm_cams.device} but images on {images.device}")
+    if not callable(crf):
+        raise ValueError(f"{name}: crf must be callable (images, probs, label_mask) -> marginals")
+    if power not in ("auto", "numpy", "float64"):
+        raise ValueError(f"{name}: power must be 'auto', 'numpy' or 'float64', got {power!r}")
+
+
+def _channel_layout(present: np.ndarray) -> tuple[np.ndarray, int]:
+    """Host table (B, 2, K) int64 of the padded [bg; present...] channels, K = 1 + most present:
+    row 0 = the norm_cam channel each channel gathers (0 for bg and padding), row 1 = its label
+    (0 for bg, class + 1, -1 for padding)."""
+    counts = present.sum(axis=1)
+    channels = 1 + int(counts.max(initial=0))
+    table = np.zeros((present.shape[0], 2, channels), dtype=np.int64)
+    table[:, 1, 1:] = -1
+    for image_index, row in enumerate(present):
+        classes = np.flatnonzero(row)
+        table[image_index, 0, 1:1 + classes.size] = classes
+        table[image_index, 1, 1:1 + classes.size] = classes + 1
+    return table, channels
+
+
+def _class_thresholds_torch(channel: torch.Tensor, cam_value: torch.Tensor, in_la_map: torch.Tensor
+                            ) -> torch.Tensor:
+    """Batched `_class_thresholds` by channel: channel (B,N) argmax channel of cam_all, cam_value (B,N)
+    float32, in_la_map (B,K) bool (channel present in the low-alpha CRF label map) -> (B,K) float32.
+
+    Channel j >= 1: the value at position int(count * 0.6) of the ascending CAM values of its pixels
+    with value > 0.1 (+inf if none, or if j is not in the map); bg: 0.8 if in the map, else +inf.
+    One sort of int64 keys (channel << 32 | float32 bits) per image: a member's value is > 0.1 > 0,
+    and positive float32 bit patterns are ordered as the floats, so each channel's members form one
+    ascending run, located with searchsorted; non-members get the key K << 32, after every run.
+    """
+    batch, pixels = channel.shape
+    channels = in_la_map.shape[1]
+    member = (channel >= 1) & (cam_value > _F32_CAM_FLOOR)
+    bits = cam_value.view(torch.int32).to(torch.int64)
+    keys = torch.where(member, torch.bitwise_left_shift(channel, 32) | bits,
+                       torch.full((), channels << 32, dtype=torch.int64, device=channel.device))
+    keys = torch.sort(keys, dim=1).values
+    bounds = torch.bitwise_left_shift(torch.arange(channels + 1, device=channel.device), 32)
+    starts = torch.searchsorted(keys, bounds.expand(batch, channels + 1).contiguous())
+    counts = starts[:, 1:] - starts[:, :-1]
+    # int(count * 0.6) in float64 like Python; counts >= 0, so floor is int()'s truncation.
+    position = starts[:, :-1] + torch.floor(counts.to(torch.float64) * CAM_QUANTILE).to(torch.int64)
+    picked = keys.gather(1, position.clamp(max=pixels - 1)) & 0xFFFFFFFF
+    values = picked.to(torch.int32).view(torch.float32)
+    infinity = torch.full((), float("inf"), dtype=torch.float32, device=channel.device)
+    thresholds = torch.where((counts > 0) & in_la_map, values, infinity)
+    bg = torch.where(in_la_map[:, 0], torch.full((), _F32_BG_CAM_SURE, dtype=torch.float32,
+                                                 device=channel.device), infinity)
+    return torch.cat((bg[:, None], thresholds[:, 1:]), dim=1)
+
+
+@torch.no_grad()
+def mine_reliable_regions_torch(images: torch.Tensor, labels: "torch.Tensor | np.ndarray",
+                                norm_cams: torch.Tensor, crf: BatchCRF, *,
+                                power: PowerMode = "auto") -> torch.Tensor:
+    """Batched `mine_reliable_regions` (SPEC §5) on the inputs' device, with no host-device sync.
+
+    images (B,3,H,W) uint8 (the crops, `batch["original"]`); labels (B,20) on the host (CPU tensor or
+    numpy: it decides the channel layout); norm_cams (B,20,H,W) float32 on images' device (see
+    `normalise_cams_torch`); crf: `BatchCRF`, called once with probs (B,2,K,H,W) = the alpha 4 and 32
+    maps [(1 - max)^alpha; present cams ascending; 0 padding], K = 1 + the batch's most present
+    classes, and label_mask (B,K). Returns (B,H,W) int64 in {0..20, 255} on images' device.
+
+    With marginals equal to `dense_crf_same_image`'s the result equals `mine_reliable_regions` pixel
+    for pixel: float32 throughout, comparisons with 0.1/0.8 in float32, the CRF confidence compared
+    with 0.8 in float64, first-index argmax, the CAM bg using max(present max, 0) unless all 20
+    classes are present, and an image without a present class all background (its CRF output is
+    ignored). `power` picks the (1 - max)^alpha implementation (see `_power`): the default is exact
+    on CPU; on other devices float64 squaring, within 1 ulp of numpy's float32 power.
+    """
+    name = "mine_reliable_regions_torch"
+    _check_torch_mining_inputs(images, norm_cams, crf, power)
+    present = _present_classes_host(labels, name)
+    batch, _, height, width = images.shape
+    if present.shape[0] != batch:
+        raise ValueError(f"{name}: labels must be ({batch}, {NUM_CLASSES}) to match images, "
+                         f"got {present.shape}")
+    device = images.device
+    table_host, channels = _channel_layout(present)
+    if channels == 1:  # no image has a present class: all sure background, no CRF
+        return torch.zeros((batch, height, width), dtype=torch.int64, device=device)
+    table = torch.from_numpy(table_host).to(device, non_blocking=True)
+    gather_index, channel_label = table[:, 0], table[:, 1]
+    valid = channel_label >= 0                                    # (B,K) the CRF's label_mask
+    num_present = valid.sum(dim=1) - 1
+    empty = (num_present == 0)[:, None, None]
+    has_absent = (num_present < NUM_CLASSES)[:, None, None]
+
+    index = gather_index[:, 1:, None, None].expand(batch, channels - 1, height, width)
+    present_cams = norm_cams.gather(1, index)                     # (B,K-1,H,W)
+    valid_cls = valid[:, 1:, None, None]
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    minus_inf = torch.full((), float("-inf"), dtype=torch.float32, device=device)
+    present_max = torch.where(valid_cls, present_cams, minus_inf).amax(dim=1)
+    present_max = torch.where(empty, zero, present_max)           # no class: probs [1], ignored
+
+    # CAM map: the bg uses the max over all 20 channels, the absent ones being 0.
+    all_max = torch.where(has_absent, torch.maximum(present_max, zero), present_max)
+    cam_all = torch.cat((_power(1 - all_max, BG_POWER_CAM, power)[:, None],
+                         torch.where(valid_cls, present_cams, minus_inf)), dim=1)
+    cam_value, cam_channel = _first_argmax(cam_all)
+
+    class_probs = torch.where(valid_cls, present_cams, zero)
+    probs = torch.stack([torch.cat((_power(1 - present_max, alpha, power)[:, None], class_probs), dim=1)
+                         for alpha in (LOW_ALPHA, HIGH_ALPHA)], dim=1)
+    marginals = crf(images, probs, valid)
+    if not isinstance(marginals, torch.Tensor) or marginals.shape != probs.shape \
+            or marginals.device != probs.device:
+        raise ValueError(f"{name}: crf must return marginals of shape {tuple(probs.shape)} on {device}, "
+                         f"got {type(marginals).__name__} {tuple(getattr(marginals, 'shape', ()))} "
+                         f"on {getattr(marginals, 'device', None)}")
+    marginals = torch.where(valid[:, None, :, None, None], marginals,
+                            torch.full((), float("-inf"), dtype=marginals.dtype, device=marginals.device))
+    crf_la, crf_ha = marginals[:, 0], marginals[:, 1]
+    la_channel = _first_argmax(crf_la)[1]                         # (B,H,W)
+    la_label = channel_label.gather(1, la_channel.flatten(1)).view(batch, height, width)
+
+    ignore = torch.full((), IGNORE_LABEL, dtype=torch.int64, device=device)
+    pseudo_label = torch.where(la_channel == 0, ignore, la_label)
+    # sum > 0 rather than any(): CUDA any/all reductions have synchronised (pytorch issue 84291).
+    in_la_map = torch.stack([(la_channel == j).flatten(1).sum(dim=1) > 0 for j in range(channels)],
+                            dim=1)
+    thresholds = _class_thresholds_torch(cam_channel.flatten(1), cam_value.flatten(1), in_la_map)
+    cam_sure = cam_value > thresholds.gather(1, cam_channel.flatten(1)).view(batch, height, width)
+
+    pseudo_label = torch.where(_first_argmax(crf_ha)[1] == 0, torch.zeros_like(pseudo_label), pseudo_label)
+    # The numpy path compares float64 copies of the marginals with 0.8.
+    crf_confidence = torch.maximum(crf_ha[:, 0], crf_la[:, 1:].amax(dim=1)).to(torch.float64)
+    not_sure = ~cam_sure | (crf_confidence < CRF_SURE)
+    pseudo_label = torch.where(not_sure, ignore, pseudo_label)
+    return torch.where(empty, torch.zeros_like(pseudo_label), pseudo_label)
