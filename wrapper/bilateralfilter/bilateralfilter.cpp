@@ -5,7 +5,6 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -37,10 +36,8 @@ void require_size(const char* name, int64_t size, int64_t expected, const char* 
 void filter_image(const float* image, const float* in, float* out, int channels, int H, int W, float sigma_rgb,
                   float sigma_xy) {
     const int64_t num_points = static_cast<int64_t>(H) * W;
-    // Reused by the thread's next image (fresh pages cost more than filling them); every value written below.
-    thread_local std::vector<float> features;
-    if (features.size() < static_cast<size_t>(kFeatureDim * num_points)) features.resize(kFeatureDim * num_points);
-    float* x = features.data();
+    std::unique_ptr<float[]> features(new float[kFeatureDim * num_points]);  // every value written below
+    float* x = features.get();
     float* y = x + num_points;
     for (int row = 0; row < H; ++row) {
         for (int col = 0; col < W; ++col) {
@@ -52,7 +49,7 @@ void filter_image(const float* image, const float* in, float* out, int channels,
         float* colour = y + (c + 1) * num_points;
         for (int64_t p = 0; p < num_points; ++p) colour[p] = image[c * num_points + p] / sigma_rgb;
     }
-    const permutohedral::Lattice lattice(features.data(), kFeatureDim, num_points);
+    const permutohedral::Lattice lattice(features.get(), kFeatureDim, num_points);
     lattice.filter(in, out, channels);
 }
 

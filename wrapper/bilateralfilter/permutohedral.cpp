@@ -49,40 +49,22 @@ struct Key {
     bool operator==(const Key& other) const { return lo == other.lo && hi == other.hi; }
 };
 
-// A multiplicative mix of a key's four 32-bit words; written for scalars and vector lanes alike,
-// so the build hashes eight points at once.
-template <typename Word>
-inline __attribute__((always_inline)) Word hash_words(Word w0, Word w1, Word w2, Word w3) {
-    Word h = (w0 * 0x9E3779B1u) ^ (w1 * 0x85EBCA77u) ^ (w2 * 0xC2B2AE3Du) ^ (w3 * 0x27D4EB2Fu);
-    h ^= h >> 15;
-    return h * 0x2C1B3C6Du;
-}
-
 // Open-addressing table from keys to dense vertex ids in order of first insertion. Slots hold
 // only id + 1 (0 = empty) so that the table stays in L2 at a low load; keys live by id.
 class VertexTable {
 public:
-    // Starts empty in the given buffers (their capacity is reused).
-    VertexTable(int64_t expected_size, std::vector<uint32_t>& slots, std::vector<Key>& keys)
-        : slots_(slots), keys_(keys) {
+    explicit VertexTable(int64_t expected_size) {
         int bits = 10;
         while ((int64_t{1} << bits) < kSlotsPerVertex * expected_size && bits < 31) ++bits;
         slots_.assign(size_t{1} << bits, 0);
-        keys_.clear();
-        shift_ = 32 - bits;
+        shift_ = 64 - bits;
     }
 
-    // Makes room for `count` more keys, so that slots computed now stay valid for them.
-    void reserve_more(int64_t count) {
-        while ((static_cast<int64_t>(keys_.size()) + count) * kSlotsPerVertex > static_cast<int64_t>(slots_.size())) {
-            grow();
-        }
-    }
-
-    // Returns the id of key, adding it if new; `hash` = hash_words(key), room reserved beforehand.
-    int32_t insert(const Key& key, uint32_t hash) {
+    // Returns the id of key, adding it if new.
+    int32_t insert(const Key& key) {
+        if ((keys_.size() + 1) * kSlotsPerVertex > slots_.size()) grow();
         const size_t mask = slots_.size() - 1;
-        size_t slot = hash >> shift_;
+        size_t slot = slot_of(key);
         for (; slots_[slot] != 0; slot = (slot + 1) & mask) {
             if (keys_[slots_[slot] - 1] == key) return static_cast<int32_t>(slots_[slot] - 1);
         }
@@ -104,9 +86,9 @@ public:
     const Key& key(int32_t id) const { return keys_[id]; }
 
 private:
-    // The top bits of the 32-bit mix pick the slot.
+    // Fibonacci hashing: the top bits of a multiplicative mix pick the slot.
     size_t slot_of(const Key& key) const {
-        return hash_words(uint32_t(key.lo), uint32_t(key.lo >> 32), uint32_t(key.hi), uint32_t(key.hi >> 32)) >> shift_;
+        return static_cast<size_t>((key.lo ^ key.hi * 0xC2B2AE3D27D4EB4FULL) * 0x9E3779B97F4A7C15ULL >> shift_);
     }
 
     void grow() {
@@ -120,33 +102,10 @@ private:
         }
     }
 
-    std::vector<uint32_t>& slots_;
-    std::vector<Key>& keys_;
+    std::vector<uint32_t> slots_;
+    std::vector<Key> keys_;
     int shift_;
 };
-
-}  // namespace
-
-// Every buffer of a build and its filters; sizes only grow, so a reused workspace allocates nothing.
-struct Workspace {
-    std::vector<Entry> entries;
-    std::vector<int32_t> blur_neighbours;
-    std::vector<uint32_t> slots;
-    std::vector<Key> keys;
-    std::vector<float> values, scratch;
-};
-
-namespace {
-
-// The workspace of the last lattice this thread destroyed, for its next one.
-thread_local std::unique_ptr<Workspace> spare_workspace;
-
-// Returns v's storage with at least n elements; existing capacity is reused, contents unspecified.
-template <typename T>
-T* at_least(std::vector<T>& v, size_t n) {
-    if (v.size() < n) v.resize(n);
-    return v.data();
-}
 
 void set_lane(Key& key, int i, int value) {
     uint64_t& word = i < 4 ? key.lo : key.hi;
@@ -208,7 +167,6 @@ static_assert(kBlock * sizeof(float) == sizeof(BlockFloat), "a block is one vect
 // 16-bit lanes each, and its barycentric weight.
 struct BlockSimplices {
     BlockWord key[kMaxDim + 1][kMaxDim / 2];
-    BlockWord hash[kMaxDim + 1];
     BlockFloat weight[kMaxDim + 1];
 
     Key key_of(int r, int b) const {
@@ -291,7 +249,6 @@ PERMUTOHEDRAL_CLONES bool simplices_of_block(const float* features, int64_t star
             const BlockInt coordinate = base[i] + r - ((rank[i] > d - r) & (d + 1));
             out.key[r][i / 2] |= (__builtin_convertvector(coordinate, BlockWord) & 0xFFFF) << (16 * (i & 1));
         }
-        out.hash[r] = hash_words(out.key[r][0], out.key[r][1], out.key[r][2], out.key[r][3]);
     }
     return true;
 }
@@ -428,11 +385,8 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
     if (num_entries >= std::numeric_limits<int32_t>::max()) {
         throw std::invalid_argument("too many points for the lattice");
     }
-    workspace_ = spare_workspace ? std::move(spare_workspace) : std::unique_ptr<Workspace>(new Workspace);
-    Workspace& work = *workspace_;
-    // Every entry is written below.
-    Entry* entries = at_least(work.entries, static_cast<size_t>(num_entries));
-    entries_ = entries;
+    // Every entry is written below: no zero fill.
+    entries_.reset(new Entry[num_entries]);
 
     // Constants and float/double mix of Kraehenbuehl's permutohedral.cpp (SSE branch), for parity.
     const float inv_std_dev = std::sqrt(2.0 / 3.0) * (d + 1);
@@ -440,7 +394,7 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
     for (int i = 0; i < d; ++i) scale[i] = 1.0 / std::sqrt(double((i + 2) * (i + 1))) * inv_std_dev;
 
     // Photographs give far fewer vertices than points; the table grows when needed.
-    VertexTable table(num_points / 16 + 64, work.slots, work.keys);
+    VertexTable table(num_points / 16 + 64);
     const SimplicesFunction simplices = kSimplices[d - 1];
     BlockSimplices block;
     for (int64_t start = 0; start < num_points; start += kBlock) {
@@ -448,17 +402,16 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
             throw std::invalid_argument("lattice features are too large (a scaled coordinate reaches 2^22)");
         }
         const int count = static_cast<int>(std::min<int64_t>(kBlock, num_points - start));
-        table.reserve_more(kBlock * (d + 1));
         for (int b = 0; b < count; ++b) {
             for (int r = 0; r <= d; ++r) {
                 const int64_t e = (start + b) * (d + 1) + r;
-                entries[e] = Entry{table.insert(block.key_of(r, b), block.hash[r][b]) + 1, block.weight[r][b]};
+                entries_[e] = Entry{table.insert(block.key_of(r, b)) + 1, block.weight[r][b]};
             }
         }
         // The released code elevates points four at a time and also inserts the simplex of the
         // zero-feature lanes that pad the last group: empty vertices that still relay the blur.
         if (count < kBlock && num_points % kReleasedGroup != 0) {
-            for (int r = 0; r <= d; ++r) table.insert(block.key_of(r, count), block.hash[r][count]);
+            for (int r = 0; r <= d; ++r) table.insert(block.key_of(r, count));
         }
     }
     num_vertices_ = table.size();
@@ -467,12 +420,11 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
     // Blur neighbours along each of the d+1 axes: n1 = key − 1 everywhere, + d on axis j (axis d
     // touches no stored coordinate); n2 is the inverse step, so one lookup finds both. A missing
     // n1 (row 0) gets v as its n2: row 0 is never blurred, and no branch mispredicts.
-    work.blur_neighbours.assign(static_cast<size_t>(d + 1) * rows * 2, 0);
-    blur_neighbours_ = work.blur_neighbours.data();
+    blur_neighbours_.assign(static_cast<size_t>(d + 1) * rows * 2, 0);
     for (int j = 0; j <= d; ++j) {
         Key step;
         for (int i = 0; i < d; ++i) set_lane(step, i, i == j ? d : -1);
-        int32_t* axis = work.blur_neighbours.data() + static_cast<size_t>(j) * rows * 2;
+        int32_t* axis = blur_neighbours_.data() + static_cast<size_t>(j) * rows * 2;
         for (int32_t v = 0; v < table.size(); ++v) {
             const int32_t n1 = table.find(add_lanes(table.key(v), step)) + 1;
             axis[2 * (v + 1)] = n1;
@@ -482,12 +434,8 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
     }
 }
 
-Lattice::~Lattice() {
-    if (!spare_workspace) spare_workspace = std::move(workspace_);
-}
-
 void Lattice::splat(const float* values_in, float* vertex_values, int channels, int stride) const {
-    const Entries entries{entries_, num_points_};
+    const Entries entries{entries_.get(), num_points_};
     for (int first = 0; first < channels; first += kGroupChannels) {
         const int group = std::min(kGroupChannels, channels - first);
         kSplat[dim_ - 1][(group - 1) / kLanes](entries, values_in + first * num_points_, group, stride,
@@ -500,7 +448,7 @@ void Lattice::blur(float* vertex_values, float* scratch, int stride, float** res
     float* old_values = vertex_values;
     float* new_values = scratch;
     for (int j = 0; j <= dim_; ++j) {
-        blur_axis(old_values, new_values, blur_neighbours_ + static_cast<size_t>(j) * rows * 2, num_vertices_,
+        blur_axis(old_values, new_values, blur_neighbours_.data() + static_cast<size_t>(j) * rows * 2, num_vertices_,
                   stride);
         std::swap(old_values, new_values);
     }
@@ -509,7 +457,7 @@ void Lattice::blur(float* vertex_values, float* scratch, int stride, float** res
 
 void Lattice::slice(const float* vertex_values, float* values_out, int channels, int stride) const {
     const float alpha = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-dim_)));
-    const Entries entries{entries_, num_points_};
+    const Entries entries{entries_.get(), num_points_};
     for (int first = 0; first < channels; first += kGroupChannels) {
         const int group = std::min(kGroupChannels, channels - first);
         kSlice[dim_ - 1][(group - 1) / kLanes](entries, vertex_values + first, group, stride, alpha,
@@ -523,13 +471,12 @@ void Lattice::filter(const float* values_in, float* values_out, int channels) co
     const size_t size = static_cast<size_t>(num_vertices_ + 1) * stride;
     // Splat sums from zero; the blur writes every row of the scratch buffer but row 0, the zero
     // row that missing neighbours point to.
-    float* vertex_values = at_least(workspace_->values, size);
-    float* scratch = at_least(workspace_->scratch, size);
-    std::fill(vertex_values, vertex_values + size, 0.0f);
-    std::fill(scratch, scratch + stride, 0.0f);
-    splat(values_in, vertex_values, channels, stride);
+    std::vector<float> vertex_values(size, 0.0f);
+    std::unique_ptr<float[]> scratch(new float[size]);
+    std::fill(scratch.get(), scratch.get() + stride, 0.0f);
+    splat(values_in, vertex_values.data(), channels, stride);
     float* blurred = nullptr;
-    blur(vertex_values, scratch, stride, &blurred);
+    blur(vertex_values.data(), scratch.get(), stride, &blurred);
     slice(blurred, values_out, channels, stride);
 }
 

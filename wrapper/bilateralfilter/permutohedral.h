@@ -8,9 +8,7 @@
 // Memory: 8·(d+1) bytes per point (vertex and weight of each simplex vertex) and 8·(d+1) per
 // vertex (blur neighbours); the build adds a hash table of 64–128 bytes of slots and a 16-byte
 // key per vertex, filter() two vertex-value buffers of 4·(V+1)·C' bytes each (C' = channels
-// rounded up to 8). These buffers belong to a per-thread workspace that the next lattice of the
-// same thread reuses: repeated calls neither allocate nor page-fault (fresh pages were ~15% of a
-// 161² filter call); a thread keeps the largest sizes it has needed until it exits.
+// rounded up to 8).
 #pragma once
 
 #include <cstddef>
@@ -29,15 +27,10 @@ struct Entry {
     float weight;
 };
 
-struct Workspace;
-
 class Lattice {
 public:
     // features: dim planes of num_points floats each (already divided by their standard deviations).
     Lattice(const float* features, int dim, int64_t num_points);
-    ~Lattice();
-    Lattice(const Lattice&) = delete;
-    Lattice& operator=(const Lattice&) = delete;
     // values_in / values_out: channel-major (channels, num_points). Output is the unnormalised
     // Gaussian-weighted sum over all points (self included), written to values_out.
     void filter(const float* values_in, float* values_out, int channels) const;
@@ -51,11 +44,10 @@ private:
     int dim_;
     int64_t num_points_;
     int64_t num_vertices_ = 0;
-    // Holds, per point, its d+1 simplex vertices r = 0..d (`entries`) and, for axis j and vertex
-    // row v, [(j * (V + 1) + v) * 2 + 0/1] = blur neighbour row, 0 = missing (`blur_neighbours`).
-    std::unique_ptr<Workspace> workspace_;
-    const Entry* entries_ = nullptr;
-    const int32_t* blur_neighbours_ = nullptr;
+    // Per point, its d+1 simplex vertices r = 0..d.
+    std::unique_ptr<Entry[]> entries_;
+    // For axis j and vertex row v: [(j * (V + 1) + v) * 2 + 0/1] = neighbour row, 0 = missing.
+    std::vector<int32_t> blur_neighbours_;
 };
 
 }  // namespace permutohedral
