@@ -11,8 +11,9 @@ results agree:
 - dense energy filter: N = 2, K = 21 at 161² and 321² (sigma_rgb 15, sigma_xy 50·H/161): our C++
   lattice (bit-equal to the released filter; `bench_bilateral.py` times that against the released
   algorithm) vs the torch lattice.
-Memory: CUDA: peak allocated by torch during the call; CPU: peak resident growth of the process
-during the call (Linux: /proc/self/status after resetting the peak through /proc/self/clear_refs).
+Memory: one call of each path in a fresh process: on CUDA the peak allocated by torch, on the CPU
+the peak resident growth (Linux: /proc/self/status after resetting the peak through
+/proc/self/clear_refs).
 GPU targets: mining a batch of 8 at 448 in <= 50 ms.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -74,21 +76,6 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def reset_peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    return resident_kib("VmRSS") * 1024
-
-
-def peak_since(device: torch.device, start: int) -> float:
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated(device) - start) / 2**20
-    return (resident_kib("VmHWM") * 1024 - start) / 2**20
-
-
 def resident_kib(field: str) -> int:
     with open("/proc/self/status") as handle:
         for line in handle:
@@ -97,69 +84,114 @@ def resident_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure(call: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float, object]:
-    """(median seconds, peak MiB of the first timed call, result) after one warm-up call."""
-    result = call()
-    synchronise(device)
-    times, peak = [], None
-    for _ in range(repeats):
-        start_memory = reset_peak(device)
-        start = time.perf_counter()
-        result = call()
-        synchronise(device)
-        times.append(time.perf_counter() - start)
-        if peak is None:
-            peak = peak_since(device, start_memory)
-    return statistics.median(times), peak, result
+Case = tuple[Callable[[], object], Callable[[], object], Callable[[object, object], str]]
 
 
-def row(name: str, released: tuple, ours: tuple, agreement: str) -> float:
-    ratio = released[0] / ours[0]
-    print(f"{name:34s} released {released[0] * 1e3:9.1f} ms {released[1]:7.1f} MiB | torch {ours[0] * 1e3:9.1f} ms "
-          f"{ours[1]:7.1f} MiB | {ratio:6.2f}x | {agreement}", flush=True)
-    return ratio
-
-
-def bench_mining(batch: int, side: int, repeats: int, device: torch.device) -> float:
+def mining_case(batch: int, side: int, device: torch.device) -> Case:
     images = np.stack([photo(i, side, side) for i in range(batch)])
     labels, cams = smooth_cams(batch, side, seed=side)
-    cpu = torch.device("cpu")
-    released = measure(lambda: np.stack([mine_reliable_regions(images[i], labels[i], cams[i], backend="pydensecrf")
-                                         for i in range(batch)]), repeats, cpu)
     images_t = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device)
     cams_t = torch.from_numpy(cams).to(device)
-    ours = measure(lambda: mine_reliable_regions_torch(images_t, labels, cams_t, training_crf_torch), repeats, device)
-    same = (ours[2].cpu().numpy() == released[2]).mean()
-    row(f"mining B={batch} {side}x{side}", released, ours, f"same label {100 * same:.3f}% of pixels")
-    return ours[0]
+    return (lambda: np.stack([mine_reliable_regions(images[i], labels[i], cams[i], backend="pydensecrf")
+                              for i in range(batch)]),
+            lambda: mine_reliable_regions_torch(images_t, labels, cams_t, training_crf_torch),
+            lambda released, ours: f"same label {100 * (ours.cpu().numpy() == released).mean():.3f}% of pixels")
 
 
-def bench_inference_crf(repeats: int, device: torch.device) -> None:
+def inference_case(device: torch.device) -> Case:
     height, width = 375, 500
     image = photo(2, height, width)
     generator = torch.Generator().manual_seed(7)
     logits = torch.nn.functional.avg_pool2d(6 * torch.randn(1, 21, height, width, generator=generator), 31,
                                             stride=1, padding=15)[0]
     probs = torch.softmax(4 * logits, 0)
-    released = measure(lambda: crf_label_map(image, probs.numpy()), repeats, torch.device("cpu"))
     image_t, probs_t = torch.from_numpy(image).to(device), probs.to(device)
-    ours = measure(lambda: crf_label_map(image_t, probs_t), repeats, device)
-    row(f"inference CRF {width}x{height} K=21", released, ours, f"same label {100 * (ours[2] == released[2]).mean():.3f}%")
+    return (lambda: crf_label_map(image, probs.numpy()), lambda: crf_label_map(image_t, probs_t),
+            lambda released, ours: f"same label {100 * (ours == released).mean():.3f}% of pixels")
 
 
-def bench_filter(side: int, repeats: int, device: torch.device) -> None:
+def filter_case(side: int, device: torch.device) -> Case:
     images = np.stack([photo(i, side, side) for i in range(2)]).transpose(0, 3, 1, 2).astype(np.float32)
     generator = torch.Generator().manual_seed(side)
     values = torch.softmax(torch.nn.functional.avg_pool2d(4 * torch.randn(2, 21, side, side, generator=generator),
                                                           9, stride=1, padding=4), 1).numpy()
     sigma_xy = 50.0 * side / 161
-    released = measure(lambda: bilateral_filter(images, values, 15.0, sigma_xy), repeats, torch.device("cpu"))
     images_t, values_t = torch.from_numpy(images).to(device), torch.from_numpy(values).to(device)
-    ours = measure(lambda: bilateral_filter_torch(images_t, values_t, 15.0, sigma_xy), repeats, device)
-    scale = np.abs(released[2]).max()
-    difference = np.abs(ours[2].cpu().numpy() - released[2])
-    row(f"dense energy filter N=2 K=21 {side}x{side}", released, ours,
-        f"max rel diff {difference.max() / scale:.1e}, mean {difference.mean() / scale:.1e}")
+
+    def agreement(released: np.ndarray, ours: torch.Tensor) -> str:
+        scale, difference = np.abs(released).max(), np.abs(ours.cpu().numpy() - released)
+        return f"max rel diff {difference.max() / scale:.1e}, mean {difference.mean() / scale:.1e}"
+
+    return (lambda: bilateral_filter(images, values, 15.0, sigma_xy),
+            lambda: bilateral_filter_torch(images_t, values_t, 15.0, sigma_xy), agreement)
+
+
+def build_case(name: str, device: torch.device) -> Case:
+    """Cases by name: mining:BxS, inference, filter:S."""
+    kind, _, setting = name.partition(":")
+    if kind == "mining":
+        batch, side = (int(part) for part in setting.split("x"))
+        return mining_case(batch, side, device)
+    if kind == "filter":
+        return filter_case(int(setting), device)
+    if kind == "inference":
+        return inference_case(device)
+    raise ValueError(f"unknown case {name!r}: mining:BxS, inference or filter:S")
+
+
+def time_call(call: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, object]:
+    """(median seconds, result) of `repeats` calls after one warm-up call."""
+    result = call()
+    synchronise(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = call()
+        synchronise(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def peak_mib(case: str, path: int, device: torch.device) -> float:
+    """Peak memory of one call of path 0 (released) or 1 (torch) of a case, in a fresh process:
+    CUDA: peak allocated by torch; CPU: peak resident growth (VmHWM after /proc/self/clear_refs)."""
+    script = MEMORY_SCRIPT.format(here=HERE, case=case, path=path, device=str(device))
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return float(completed.stdout.split()[-1])
+
+
+MEMORY_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {here!r})
+import bench_crf
+device = torch.device({device!r})
+call = bench_crf.build_case({case!r}, device)[{path}]
+if device.type == "cuda" and {path} == 1:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    call()
+    torch.cuda.synchronize(device)
+    print((torch.cuda.max_memory_allocated(device) - start) / 2**20)
+else:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # resets the peak resident size (VmHWM) to the current one
+    start = bench_crf.resident_kib("VmRSS")
+    call()
+    print((bench_crf.resident_kib("VmHWM") - start) / 1024)
+"""
+
+
+def run_case(name: str, label: str, repeats: int, device: torch.device) -> float:
+    """Times both paths side by side, measures their memory, prints one row; returns torch seconds."""
+    released_call, torch_call, agreement = build_case(name, device)
+    released_s, released_out = time_call(released_call, repeats, torch.device("cpu"))
+    torch_s, torch_out = time_call(torch_call, repeats, device)
+    released_mib, torch_mib = peak_mib(name, 0, device), peak_mib(name, 1, device)
+    print(f"{label:34s} released {released_s * 1e3:9.1f} ms {released_mib:7.1f} MiB | torch {torch_s * 1e3:9.1f} ms "
+          f"{torch_mib:7.1f} MiB | {released_s / torch_s:6.2f}x | {agreement(released_out, torch_out)}", flush=True)
+    return torch_s
 
 
 def main() -> None:
@@ -177,15 +209,15 @@ def main() -> None:
     mining_times = {}
     for setting in args.mining.split(","):
         batch, side = (int(part) for part in setting.split("x"))
-        mining_times[(batch, side)] = bench_mining(batch, side, args.repeats, device)
-    bench_inference_crf(args.repeats, device)
+        mining_times[(batch, side)] = run_case(f"mining:{setting}", f"mining B={batch} {side}x{side}", args.repeats,
+                                               device)
+    run_case("inference", "inference CRF 500x375 K=21", args.repeats, device)
     for side in FILTER_SIDES:
-        bench_filter(side, args.repeats, device)
+        run_case(f"filter:{side}", f"dense energy filter N=2 K=21 {side}x{side}", args.repeats, device)
     if device.type == "cuda" and (8, 448) in mining_times:
         seconds = mining_times[(8, 448)]
         print(f"GPU target: mining B=8 448x448 {seconds * 1e3:.1f} ms (<= {MINING_TARGET_S * 1e3:.0f} ms: "
               f"{'met' if seconds <= MINING_TARGET_S else 'NOT met'})")
-
 
 if __name__ == "__main__":
     main()
