@@ -1,8 +1,8 @@
 """Segment a list of images with a trained RRM model, as the released infer_RRM.py, plus mIoU.
 
 Writes no-CRF and CRF predictions as 8-bit class-index PNGs; when ground truth exists (`--gt_dir`,
-or `SegmentationClass` under `--voc12_root`) prints per-class IoU, mean IoU and pixel accuracy for
-both, and writes them to a summary JSON.
+or `SegmentationClass` under `--voc12_root`; COCO: `SegmentationClass/<split>` under `--data_root`)
+prints per-class IoU, mean IoU and pixel accuracy for both, and writes them to a summary JSON.
 """
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ import network
 from tool.allocator import add_memory_argument, apply_memory_choice
 from tool.cli import inputs_checked, run_cli
 from tool.crf import add_crf_backend_argument, resolve_crf_backend
+from tool.datasets import add_dataset_arguments, data_module, resolve_data_root, resolve_dataset
 from tool.device import add_device_arguments, pick_device
-from tool.inference import format_summary, load_model, run_inference
-from voc12.data import EvalDataset
-from voc12.lists import IMAGE_DIR, MASK_DIR, default_list_path
+from tool.inference import evaluation_inputs, format_summary, load_model, run_inference
 
 RELEASED_WEIGHTS = {"rrm": "./netWeights/RRM_final.pth", "rrm_attention": "./netWeights/RRM(attention)_final.pth"}
 
@@ -32,13 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_la_crf", default="./output/result/crf",
                         help="folder of CRF predictions; '' or 'none' skips the CRF")
     parser.add_argument("--out_color", default=None, help="also write VOC-palette PNGs to <dir>/no_crf and <dir>/crf")
-    parser.add_argument("--voc12_root", default=None, help="VOC2012 folder (JPEGImages, SegmentationClass, ImageSets)")
+    add_dataset_arguments(parser, "data set root: VOC2012 folder (JPEGImages, SegmentationClass, ImageSets), or the "
+                                  "COCO root as `python -m coco14.prepare` leaves it")
+    parser.add_argument("--split", default=None,
+                        help="the list <root>/<list folder>/<split>.txt read by default (VOC val, COCO val2014); "
+                             "COCO: also the folders of every image, <root>/<split>/ and "
+                             "<root>/SegmentationClass/<split>/ (default: the split each file name says)")
     parser.add_argument("--LISTpath", default=None,
-                        help="image list, ids or released pairs (default: val.txt under --voc12_root)")
+                        help="image list, ids or released pairs (default: the val list under the root)")
     parser.add_argument("--IMpath", "--IM_path", dest="IMpath", default=None,
-                        help="folder of <id>.jpg (default: JPEGImages under --voc12_root)")
+                        help="folder of <id>.jpg (default: JPEGImages under --voc12_root; COCO: <root>/<split>)")
     parser.add_argument("--gt_dir", default=None,
-                        help="folder of <id>.png ground truth (default: SegmentationClass under --voc12_root, if any)")
+                        help="folder of <id>.png ground truth (default: SegmentationClass under --voc12_root, if any; "
+                             "COCO: <root>/SegmentationClass/<split>)")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
                         help="input scales whose logits are averaged (released: 1.0)")
     parser.add_argument("--flip", action="store_true", help="also average the horizontally mirrored input")
@@ -55,27 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_inputs(args: argparse.Namespace) -> tuple[str, str, str | None]:
-    """(list file, image folder, ground-truth folder or None) from the flags, each checked and named."""
-    root = args.voc12_root
+def resolve_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The EvalDataset arguments from the flags (`evaluation_inputs`), each path checked and named."""
+    info = resolve_dataset(args.dataset)
+    root, root_flag = resolve_data_root(args, None)
     if root is not None and not os.path.isdir(root):
-        raise FileNotFoundError(f"--voc12_root: folder not found: {root}")
+        raise FileNotFoundError(f"{root_flag}: folder not found: {root}")
+    if args.split is not None and args.LISTpath is not None and not info.has_split_folders:
+        raise ValueError(f"--split {args.split} only picks the default list, and --LISTpath {args.LISTpath} is given")
     if args.LISTpath is None and root is None:
-        raise ValueError("give --LISTpath (the image list) or --voc12_root (uses its val.txt)")
+        raise ValueError(f"give --LISTpath (the image list) or {root_flag} (uses its {info.val_split} list)")
     if args.IMpath is None and root is None:
-        raise ValueError("give --IMpath (the folder of <id>.jpg) or --voc12_root (uses its JPEGImages)")
-    list_path = args.LISTpath or default_list_path(root, "val")
-    if not os.path.isfile(list_path):
-        raise FileNotFoundError(f"--LISTpath: image list not found: {list_path}")
-    image_dir = args.IMpath or os.path.join(root, IMAGE_DIR)
-    if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"--IMpath: image folder not found: {image_dir}")
-    gt_dir = args.gt_dir
-    if gt_dir is not None and not os.path.isdir(gt_dir):
-        raise FileNotFoundError(f"--gt_dir: ground-truth folder not found: {gt_dir}")
-    if gt_dir is None and root is not None and os.path.isdir(os.path.join(root, MASK_DIR)):
-        gt_dir = os.path.join(root, MASK_DIR)
-    return list_path, image_dir, gt_dir
+        raise ValueError(f"give --IMpath (the folder of <id>.jpg) or {root_flag} (uses its image folders)")
+    if args.gt_dir is not None and not os.path.isdir(args.gt_dir):
+        raise FileNotFoundError(f"--gt_dir: ground-truth folder not found: {args.gt_dir}")
+    inputs = evaluation_inputs(info, root, split=args.split, list_path=args.LISTpath, image_dir=args.IMpath,
+                               gt_dir=args.gt_dir)
+    if not os.path.isfile(inputs["list_path"]):
+        raise FileNotFoundError(f"--LISTpath: image list not found: {inputs['list_path']}")
+    if inputs["image_dir"] is not None and not os.path.isdir(inputs["image_dir"]):
+        raise FileNotFoundError(f"--IMpath: image folder not found: {inputs['image_dir']}")
+    return inputs
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -89,8 +94,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"--scales must be positive, got {args.scales}")
     weights = args.weights or RELEASED_WEIGHTS[network.resolve_network(args.network).SegNet.variant]
     use_crf = args.out_la_crf not in ("", "none", "None")
-    list_path, image_dir, gt_dir = resolve_inputs(args)
-    dataset = EvalDataset(list_path=list_path, image_dir=image_dir, gt_dir=gt_dir, require_gt=args.gt_dir is not None)
+    inputs = resolve_inputs(args)
+    info = resolve_dataset(args.dataset)
+    dataset = data_module(args.dataset).EvalDataset(**inputs, require_gt=args.gt_dir is not None)
     device = pick_device(args.device)
     crf_backend = resolve_crf_backend(args.crf_backend, device)
     if crf_backend == "torch" and args.crf_workers:
@@ -98,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      f"solves the CRFs on {device} in this process")
     crf_workers = args.crf_workers if args.crf_workers is not None else int(crf_backend == "pydensecrf")
     apply_memory_choice(args.release_memory)
-    model = load_model(args.network, weights, args.width, device)
+    model = load_model(args.network, weights, args.width, device, info.num_classes)
     summary_path = args.summary or os.path.join(os.path.dirname(os.path.abspath(args.out_cam_pred)), "summary.json")
     inputs_checked()  # from here on an error is the run's own: run_cli keeps its traceback
     summary = run_inference(
@@ -107,8 +113,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         crf_workers=crf_workers, crf_backend=crf_backend, amp=args.amp, num_workers=args.num_workers, summary_path=summary_path,
         progress=not args.no_progress,
         extra_summary={"network": args.network, "weights": weights, "width": args.width, "device": str(device),
-                       "crf_backend": crf_backend,
-                       "list": list_path, "image_dir": image_dir, "gt_dir": gt_dir})
+                       "crf_backend": crf_backend, "dataset": args.dataset, "list": inputs["list_path"],
+                       "image_dir": inputs["image_dir"] or info.image_dir(inputs["root"], "{split}"),
+                       "gt_dir": inputs["gt_dir"] or (info.mask_dirs(inputs["root"], "{split}")[0]
+                                                      if inputs["root"] else None)})
     print(format_summary(summary))
     print(f"{summary['num_images']} images in {summary['seconds']:.1f} s "
           f"({summary['images_per_second']:.2f} images/s); summary: {summary_path}")

@@ -12,7 +12,7 @@ from setuptools.command.build import build
 from setuptools.command.build_ext import build_ext
 
 WRAPPER_DIR = "wrapper/bilateralfilter"
-PACKAGES = find_packages(include=["network", "tool", "voc12"])
+PACKAGES = find_packages(include=["network", "tool", "voc12", "coco14"])
 OPENMP_TEST = "#include <omp.h>\nint probe(void) { return omp_get_max_threads(); }\n"
 
 

@@ -1,4 +1,4 @@
-"""Train RRM from a ResNet-38 trained for VOC12 classification (`res38_cls.pth`, SPEC §9).
+"""Train RRM from a ResNet-38 trained for classification (VOC12: `res38_cls.pth`, SPEC §9; COCO: --dataset coco14).
 
 Poly learning rate over max_step updates plus the released final update at t = max_step.
 Every flag: `python train_from_cls_weight.py --help`; multi-GPU/multi-node: `torchrun ...`.
@@ -19,6 +19,11 @@ DEFAULTS = {
     "network_defaults": {
         "rrm": {"batch_size": 4, "max_step": 20000, "lr": 0.0007, "session_name": "RRM_"},
         "rrm_attention": {"batch_size": 8, "max_step": 40000, "lr": 0.001, "session_name": "RRM(attention)_"},
+    },
+    # Scaled from VOC's, unmeasured: 4x VOC's updates, as WSSS COCO recipes take 4x VOC's steps.
+    "dataset_defaults": {
+        "coco14": {"rrm": {"max_step": 80000, "session_name": "RRM_coco14_"},
+                   "rrm_attention": {"max_step": 160000, "session_name": "RRM(attention)_coco14_"}},
     },
 }
 

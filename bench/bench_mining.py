@@ -1,23 +1,32 @@
-"""Reliable-region mining speed: a batch of 4 crops of 321x321 with 2-3 classes, serial vs pool.
+"""Reliable-region mining speed: a batch of 4 crops of 321x321 with 2-3 classes, serial vs pool;
+and its memory by class count: the engine's mining of a batch of 8 crops of 448 (train_from_init)
+from CAMs at 1/8 resolution, 3 classes present per image, with 21 labels (VOC) and 81 (COCO).
 
 Targets (2-core machine): pool batch time <= 0.6 x serial batch time; per image <= ~0.3 s.
-Run: .venv/bin/python bench/bench_mining.py [--workers N] [--repeats R]
+Run: .venv/bin/python bench/bench_mining.py [--workers N] [--repeats R] [--skip_memory]
 """
 import argparse
+import hashlib
+import json
 import os
+import subprocess
 import sys
 import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.test_mining import loop_reference_mining as released_style_mining  # noqa: E402
+from tool.engine import mine_pseudo_labels  # noqa: E402
 from tool.mining import ReliableRegionMiner, normalise_cam  # noqa: E402
 
 CROP = 321
 BATCH = 4
 POOL_RATIO_TARGET = 0.6
 PER_IMAGE_TARGET_S = 0.3
+MEMORY_BATCH, MEMORY_CROP, MEMORY_PRESENT = 8, 448, 3
 
 
 def synthetic_batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -42,11 +51,86 @@ def synthetic_batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return images, labels, norm_cams
 
 
+def class_count_batch(num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cam (B,C,56,56), labels (B,C), crops (B,3,448,448) uint8): MEMORY_PRESENT blobs per image."""
+    rng = np.random.default_rng(seed)
+    side = MEMORY_CROP // 8
+    rows, cols = np.mgrid[:MEMORY_CROP, :MEMORY_CROP].astype(np.float32)
+    cam = rng.random((MEMORY_BATCH, num_classes, side, side)).astype(np.float32) * 0.05
+    labels = np.zeros((MEMORY_BATCH, num_classes), np.float32)
+    crops = np.empty((MEMORY_BATCH, MEMORY_CROP, MEMORY_CROP, 3), np.uint8)
+    for b in range(MEMORY_BATCH):
+        canvas = rng.normal(110, 20, (MEMORY_CROP, MEMORY_CROP, 3))
+        for class_index in rng.choice(num_classes, size=MEMORY_PRESENT, replace=False):
+            centre, axes = rng.uniform(90, MEMORY_CROP - 90, 2), rng.uniform(50, 110, 2)
+            distance = np.hypot((rows - centre[0]) / axes[0], (cols - centre[1]) / axes[1])
+            canvas[distance < 1] = rng.uniform(0, 255, 3)
+            cam[b, class_index] += np.exp(-distance[::8, ::8] ** 2)
+            labels[b, class_index] = 1
+        crops[b] = np.clip(canvas, 0, 255).astype(np.uint8)
+    return torch.from_numpy(cam), torch.from_numpy(labels), torch.from_numpy(crops.transpose(0, 3, 1, 2).copy())
+
+
+def full_stack_mining(cam: torch.Tensor, labels: torch.Tensor, crops: torch.Tensor,
+                      miner: ReliableRegionMiner) -> np.ndarray:
+    """The engine's mining before it went image by image: the whole batch's (B,C,H,W) CAM upsampled,
+    every channel normalised and stacked."""
+    cam_np = F.interpolate(cam, size=crops.shape[-2:], mode="bilinear", align_corners=False).numpy()
+    norm_cams = np.stack([normalise_cam(cam_np[i], labels[i].numpy()) for i in range(cam.shape[0])])
+    return miner(np.ascontiguousarray(crops.numpy().transpose(0, 2, 3, 1)), labels.numpy(), norm_cams)
+
+
+def _resident_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
+
+
+def memory_case(num_classes: int, variant: str) -> dict:
+    """One mining call in this (fresh) process: its seconds and its peak RSS above the RSS before it."""
+    torch.set_num_threads(1)
+    cam, labels, crops = class_count_batch(num_classes)
+    miner = ReliableRegionMiner(0)
+    mine = mine_pseudo_labels if variant == "engine" else full_stack_mining
+    mine(cam[:1], labels[:1], crops[:1], miner)  # first-call allocations and imports, outside the measure
+    before = _resident_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset VmHWM (the peak) to the current RSS
+    start = time.perf_counter()
+    mined = mine(cam, labels, crops, miner)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mib": (_resident_kib("VmHWM") - before) / 1024,
+            "labels_sha1": hashlib.sha1(np.ascontiguousarray(mined, np.int64).tobytes()).hexdigest()}
+
+
+def memory_lines() -> list[str]:
+    """Each (labels, variant) in a fresh process, so that one's peak cannot hide another's."""
+    results = {}
+    for num_classes in (20, 80):
+        for variant in ("engine", "full_stack"):
+            completed = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory_case",
+                                        str(num_classes), variant], capture_output=True, text=True, check=True)
+            results[num_classes, variant] = json.loads(completed.stdout.splitlines()[-1])
+    lines = []
+    for num_classes in (20, 80):
+        ours, before = results[num_classes, "engine"], results[num_classes, "full_stack"]
+        lines.append(f"mining {MEMORY_BATCH} crops of {MEMORY_CROP}, {num_classes + 1} labels of which "
+                     f"{MEMORY_PRESENT} present, pydensecrf in-process: {ours['seconds']:.2f} s, peak RSS +"
+                     f"{ours['peak_mib']:.0f} MiB (whole-batch full stacks: {before['seconds']:.2f} s, +"
+                     f"{before['peak_mib']:.0f} MiB; same labels: {ours['labels_sha1'] == before['labels_sha1']})")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="pool size (default: cores)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds, the best of each is reported")
+    parser.add_argument("--skip_memory", action="store_true", help="leave out the memory lines (21 vs 81 labels)")
+    parser.add_argument("--memory_case", nargs=2, metavar=("CLASSES", "VARIANT"), default=None,
+                        help=argparse.SUPPRESS)  # one measurement of memory_lines, in its own process
     args = parser.parse_args()
+    if args.memory_case:
+        print(json.dumps(memory_case(int(args.memory_case[0]), args.memory_case[1])))
+        return
     images, labels, norm_cams = synthetic_batch()
     load_before = os.getloadavg()[0]  # other jobs on the machine distort the pool's speed-up
 
@@ -97,6 +181,9 @@ def main() -> None:
           f"mining runs {pair_in_pool / one_alone:.2f}x slower per image (1.00 = perfect scaling), so the best "
           f"reachable pool/serial with {args.workers} workers is ~{pair_in_pool / one_alone / args.workers:.2f}")
     print(f"ratio target {'met' if ratio <= POOL_RATIO_TARGET else 'MISSED'}")
+    if not args.skip_memory:
+        for line in memory_lines():
+            print(line)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,6 @@ def resolve_network(name: str) -> ModuleType:
         raise ValueError(f"unknown network {name!r}; valid names: {valid}") from None
 
 
-def build_segnet(name: str, width: float = 1.0) -> nn.Module:
-    """A fresh `SegNet` of the network registered under `name`."""
-    return resolve_network(name).SegNet(width=width)
+def build_segnet(name: str, width: float = 1.0, num_classes: int = rrm.VOC_NUM_CLASSES) -> nn.Module:
+    """A fresh `SegNet` of the network registered under `name`, for `num_classes` classes (VOC's 20)."""
+    return resolve_network(name).SegNet(width=width, num_classes=num_classes)

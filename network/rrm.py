@@ -9,6 +9,7 @@ from torch import nn
 
 from network import resnet38d
 from network.fast_conv import FastConv2d
+from voc12.lists import NUM_CLASSES as VOC_NUM_CLASSES
 
 CAM_SCALES = (0.5, 1.5, 2.0)
 # What a forward returns depends on its mode flags (see each docstring).
@@ -39,29 +40,35 @@ def multiscale_cam(cam_at: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
 
 
 class Net(resnet38d.Net):
-    """Backbone + fc8 (classifier, CAM weights) + dilated two-layer segmentation head."""
+    """Backbone + fc8 (classifier, CAM weights) + dilated two-layer segmentation head.
+
+    `num_classes` (the data set's; released: VOC's 20) sizes fc8 and the CAMs; the segmentation head
+    has one more output, the background."""
 
     variant = "rrm"
     freeze_conv1a = False
     from_scratch_names: tuple[str, ...] = ("fc8", "fc8_seg_conv1", "fc8_seg_conv2")
 
-    def __init__(self, width: float = 1.0) -> None:
+    def __init__(self, width: float = 1.0, num_classes: int = VOC_NUM_CLASSES) -> None:
         super().__init__(width)
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
         seg_channels = resnet38d.scale_channels(512, width)
         self.dropout7 = nn.Dropout2d(0.5)
-        self.fc8 = nn.Conv2d(self.out_channels, 20, 1, bias=False)
+        self.fc8 = nn.Conv2d(self.out_channels, num_classes, 1, bias=False)
         self.fc8_seg_conv1 = FastConv2d(self.out_channels, seg_channels, 3, padding=12, dilation=12, bias=True)
-        self.fc8_seg_conv2 = FastConv2d(seg_channels, 21, 3, padding=12, dilation=12, bias=True)
+        self.fc8_seg_conv2 = FastConv2d(seg_channels, num_classes + 1, 3, padding=12, dilation=12, bias=True)
         for layer in (self.fc8, self.fc8_seg_conv1, self.fc8_seg_conv2):
             nn.init.xavier_uniform_(layer.weight)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Image-level logits (B,20): fc8 on the globally pooled, dropped-out features."""
+        """Image-level logits (B,num_classes): fc8 on the globally pooled, dropped-out features."""
         pooled = F.adaptive_avg_pool2d(self.dropout7(features), 1)
         return self.fc8(pooled).flatten(1)
 
     def cam(self, features: torch.Tensor) -> torch.Tensor:
-        """Class activation maps (B,20,h,w) from the features without dropout; float32 also under
+        """Class activation maps (B,num_classes,h,w) from the features without dropout; float32 also under
         autocast (they feed mining)."""
         with full_precision(features):
             return F.relu(F.conv2d(features.float(), self.fc8.weight.float()))
@@ -78,7 +85,7 @@ class Net(resnet38d.Net):
         return self.classify(features)
 
     def segment(self, features: torch.Tensor) -> torch.Tensor:
-        """Segmentation logits (B,21,h,w)."""
+        """Segmentation logits (B,num_classes+1,h,w)."""
         return self.fc8_seg_conv2(F.relu(self.fc8_seg_conv1(features)))
 
     def get_parameter_groups(self) -> tuple[list, list, list, list]:
@@ -112,5 +119,5 @@ class SegNet(Net):
         return super().forward(x, require_seg=require_seg, require_mcam=require_mcam)
 
     def predict_seg(self, x: torch.Tensor) -> torch.Tensor:
-        """Single-scale segmentation logits (B,21,h,w)."""
+        """Single-scale segmentation logits (B,num_classes+1,h,w)."""
         return self.forward(x, require_seg=True, require_mcam=False)

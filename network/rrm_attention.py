@@ -16,17 +16,17 @@ class Net(rrm.Net):
     variant = "rrm_attention"
     from_scratch_names = ("fc8",)
 
-    def __init__(self, width: float = 1.0) -> None:
-        super().__init__(width)
+    def __init__(self, width: float = 1.0, num_classes: int = rrm.VOC_NUM_CLASSES) -> None:
+        super().__init__(width, num_classes)
         gau_channels = resnet38d.scale_channels(256, width)
         self.GAU_w1 = nn.Conv2d(self.out_channels, gau_channels, 1, bias=False)
         self.GAU_w2 = nn.Conv2d(self.out_channels, gau_channels, 1, bias=False)
         self.GAU_w3 = nn.Conv2d(self.out_channels, gau_channels, 1, bias=False)
         self.fc8_seg_conv3 = FastConv2d(2 * gau_channels, gau_channels, 3, padding=1, bias=False)
-        self.fc8_seg_conv4 = FastConv2d(gau_channels, 21, 3, padding=1, bias=False)
+        self.fc8_seg_conv4 = FastConv2d(gau_channels, num_classes + 1, 3, padding=1, bias=False)
 
     def segment_with_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Averaged segmentation logits (B,21,h,w) and seg_feature = concat(old, new)."""
+        """Averaged segmentation logits (B,num_classes+1,h,w) and seg_feature = concat(old, new)."""
         batch, _, height, width = features.shape
         query = self.GAU_w1(features).flatten(2).transpose(1, 2)
         key = self.GAU_w2(features).flatten(2)
@@ -56,7 +56,7 @@ class Net(rrm.Net):
         return self.classify(features)
 
     def predict_seg(self, x: torch.Tensor) -> torch.Tensor:
-        """Single-scale segmentation logits (B,21,h,w) (element 2 of the full forward)."""
+        """Single-scale segmentation logits (B,num_classes+1,h,w) (element 2 of the full forward)."""
         return Net.forward(self, x, require_cam=False, require_seg=True)
 
 

@@ -76,7 +76,7 @@ class DenseEnergyLoss(nn.Module):
     def forward(
         self, images: torch.Tensor, probs: torch.Tensor, roi: torch.Tensor, label: torch.Tensor
     ) -> torch.Tensor:
-        """images (B,3,H,W) 0..255, probs (B,21,H,W) softmax, roi (B,H,W) 1 = real pixel,
+        """images (B,3,H,W) 0..255, probs (B,K,H,W) softmax, roi (B,H,W) 1 = real pixel,
         label (B,H,W) pseudo label with 255 = unlabelled. Returns a scalar tensor."""
         batch, _, height, width = probs.shape
         expected = {"images": (batch, 3, height, width), "roi": (batch, height, width), "label": (batch, height, width)}

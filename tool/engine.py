@@ -3,12 +3,14 @@
 A script declares its defaults (`build_parser(script_defaults, network_defaults)`), and
 `run_training(args)` does the rest: model and weights, the 4 parameter groups, SGD and its lr
 schedule, per step the 4-scale CAM forward, reliable-region mining, the joint loss, backward and
-update; devices (CPU, CUDA, DataParallel, DDP under torchrun), AMP, logs and checkpoints.
+update; devices (CPU, CUDA, DataParallel, DDP under torchrun), AMP, logs and checkpoints. The data
+set (`--dataset`, tool.datasets) gives the data classes and the class count of the network.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import random
@@ -31,6 +33,7 @@ from tool.checkpoint import (atomic_write_text, capture_rng_state, load_resume_c
 from tool.cli import inputs_checked
 from tool.crf import add_crf_backend_argument, resolve_crf_backend
 from tool.crf_torch import training_crf_torch
+from tool.datasets import add_dataset_arguments, data_module, resolve_data_root, resolve_dataset
 from tool.dense_energy import DenseEnergyLoss
 from tool.device import add_device_arguments, autocast_context, cores_per_process, pick_device, resolve_amp
 from tool.losses import classification_loss, joint_loss
@@ -38,8 +41,7 @@ from tool.mining import ReliableRegionMiner, mine_reliable_regions_torch, normal
 from tool.schedule import OPTIMIZERS, SECOND_PHASE_LR, LearningRateSchedule, build_optimizer
 from tool.train_batches import PositionSeededDataset, StepBatchSampler
 from tool.weights import load_weights
-from voc12.data import TrainDatasetInit, TrainDatasetScaled
-from voc12.lists import default_cls_labels_path, default_list_path
+from voc12.lists import DatasetInfo
 
 # Released-style weight files: `<session>N.pth` every 2,000 steps once more than 10,000 are done.
 WEIGHTS_EVERY = 2000
@@ -55,10 +57,14 @@ RESUME_MAY_DIFFER = frozenset({
     # Which GPU (same kernels); the device type that does change results is compared as `device`.
     "gpu_id",
     "val_list",  # unused: the released classification validation is disabled
-    "IMpath",  # must be <voc12_root>/JPEGImages, and voc12_root is compared
+    "IMpath",  # must be <voc12_root>/JPEGImages, and data_root is compared
+    "voc12_root", "data_root_flag",  # a spelling of data_root, which is compared
     "max_epoches",  # only gives max_step, which is compared as resolved
-    "network_defaults",  # the recipe table; the values it gave (lr, batch_size, ...) are compared
+    "network_defaults", "dataset_defaults",  # recipe tables; the values they gave (lr, batch_size, ...) are compared
 })
+# The name under which a checkpoint written before a key's renaming records it.
+FORMER_RUN_KEYS = {"data_root": "voc12_root"}
+RECIPE_TABLES = ("network_defaults", "dataset_defaults")
 
 ModelFactory = Callable[[str, float], torch.nn.Module]
 
@@ -69,18 +75,21 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
 
     Flags whose default depends on the network (batch_size, max_step, max_epoches, lr,
     session_name) default to None here and are filled by `finalize_args` from
-    `script_defaults['network_defaults'][variant]`.
+    `script_defaults['network_defaults'][variant]`, overridden for a data set other than VOC by
+    `script_defaults['dataset_defaults'][dataset][variant]` (its recipe).
     """
     parser = argparse.ArgumentParser(description=description)
     data = parser.add_argument_group("data")
-    data.add_argument("--voc12_root", default="VOC2012", help="VOC2012 folder (JPEGImages/, ImageSets/, cls_labels.npy)")
+    add_dataset_arguments(data, "data set root (default VOC2012, or COCO2014 for coco14): VOC: JPEGImages/, "
+                                "ImageSets/, cls_labels.npy; COCO: as `python -m coco14.prepare` leaves it")
     data.add_argument("--train_list", "--LISTpath", dest="train_list", default=None,
-                      help="training ids (default <voc12_root>/ImageSets/Segmentation/train_aug.txt)")
+                      help="training ids (default <root>/ImageSets/Segmentation/train_aug.txt; COCO: "
+                           "<root>/ImageSets/train2014.txt)")
     data.add_argument("--val_list", default=None,
                       help="accepted as released; the released classification validation is disabled, so unused")
     data.add_argument("--IMpath", "--IM_path", dest="IMpath", default=None,
-                      help="JPEG folder; must be <voc12_root>/JPEGImages (its parent is the default voc12_root)")
-    data.add_argument("--cls_labels", default=None, help="class labels .npy (default <voc12_root>/cls_labels.npy)")
+                      help="VOC JPEG folder; must be <voc12_root>/JPEGImages (its parent is the default voc12_root)")
+    data.add_argument("--cls_labels", default=None, help="class labels .npy (default <root>/cls_labels.npy)")
     data.add_argument("--crop_size", type=int, default=448)
     data.add_argument("--random_resize", action="store_true",
                       help="init augmentation (train_from_init.py): apply the random long-side resize 256-512 that "
@@ -143,7 +152,7 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
     output.add_argument("--resume", default=None, help="resume checkpoint <save_dir>/<session>resume.pt to continue")
 
     # The script's DataLoader count is the released one; finalize_args caps it by the usable cores.
-    recipe = dict(script_defaults)
+    recipe = {"dataset_defaults": {}, **script_defaults}
     recipe["released_num_workers"] = recipe.pop("num_workers", 8)
     parser.set_defaults(**recipe)
     return parser
@@ -152,21 +161,19 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill network-dependent defaults and data paths; reject inconsistent values (no file access)."""
     variant = resolve_network(args.network).SegNet.variant
-    for key, value in args.network_defaults[variant].items():
+    info = resolve_dataset(args.dataset)
+    recipe = {**args.network_defaults[variant], **args.dataset_defaults.get(args.dataset, {}).get(variant, {})}
+    for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.IMpath is not None:
-        image_dir = os.path.normpath(args.IMpath)
-        if args.voc12_root == "VOC2012" and not os.path.isdir(args.voc12_root):
-            args.voc12_root = os.path.dirname(image_dir)
-        if image_dir != os.path.normpath(os.path.join(args.voc12_root, "JPEGImages")):
-            raise ValueError(f"--IMpath {args.IMpath} is not <voc12_root>/JPEGImages of --voc12_root {args.voc12_root}")
+    if getattr(args, "data_root_flag", None) is None:  # finalising finalised args changes nothing
+        _resolve_root(args, info)
     if args.train_list is None:
-        args.train_list = default_list_path(args.voc12_root, "train_aug")
+        args.train_list = info.list_path(args.data_root, info.train_split)
     if args.val_list is None:
-        args.val_list = default_list_path(args.voc12_root, "val")
+        args.val_list = info.list_path(args.data_root, info.val_split)
     if args.cls_labels is None:
-        args.cls_labels = default_cls_labels_path(args.voc12_root)
+        args.cls_labels = info.cls_labels_path(args.data_root)
     if args.max_step is None and args.max_epoches is None:
         raise ValueError("give --max_step or --max_epoches")
     for name in ("batch_size", "crop_size", "log_every", "save_every"):
@@ -196,14 +203,31 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _resolve_root(args: argparse.Namespace, info: DatasetInfo) -> None:
+    """args.data_root from --data_root / --voc12_root / --IMpath / the data set's default, and
+    args.data_root_flag, the flag that messages name it by."""
+    args.data_root, args.data_root_flag = resolve_data_root(args, None)
+    if args.IMpath is not None:
+        if info.has_split_folders:
+            raise ValueError(f"--IMpath is the VOC image folder; {info.title} images are found under "
+                             f"<data_root>/<split>/ by their names")
+        if args.data_root is None and not os.path.isdir(info.default_root):
+            args.data_root = os.path.dirname(os.path.normpath(args.IMpath))  # released: its parent is the root
+    if args.data_root is None:
+        args.data_root = info.default_root
+    if args.IMpath is not None and os.path.normpath(args.IMpath) != os.path.normpath(info.image_dir(args.data_root)):
+        raise ValueError(f"--IMpath {args.IMpath} is not <{args.data_root_flag[2:]}>/JPEGImages of "
+                         f"{args.data_root_flag} {args.data_root}")
+
+
 def check_inputs(args: argparse.Namespace) -> None:
     """Every file the run needs, checked before any work starts (the error names the path)."""
     required = [("--resume checkpoint", args.resume)] if args.resume else []
     if args.weights != "none" and not args.resume:
         required.append(("--weights file", args.weights))
     required += [("--train_list", args.train_list), ("--cls_labels file", args.cls_labels)]
-    if not os.path.isdir(args.voc12_root):
-        raise FileNotFoundError(f"--voc12_root not found: {args.voc12_root} is not a directory")
+    if not os.path.isdir(args.data_root):
+        raise FileNotFoundError(f"{args.data_root_flag} not found: {args.data_root} is not a directory")
     for what, path in required:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{what} not found: {path}")
@@ -277,11 +301,13 @@ def seed_everything(seed: int) -> None:
 
 
 def build_dataset(args: argparse.Namespace) -> torch.utils.data.Dataset:
+    """The training set of `args.dataset` with the script's augmentation (finalised args)."""
+    datasets = data_module(args.dataset)
     if args.augmentation == "init":
-        return TrainDatasetInit(args.voc12_root, args.train_list, args.cls_labels, args.crop_size,
-                                apply_random_resize=args.random_resize)
+        return datasets.TrainDatasetInit(args.data_root, args.train_list, args.cls_labels, args.crop_size,
+                                         apply_random_resize=args.random_resize)
     if args.augmentation == "scaled":
-        return TrainDatasetScaled(args.voc12_root, args.train_list, args.cls_labels, args.crop_size)
+        return datasets.TrainDatasetScaled(args.data_root, args.train_list, args.cls_labels, args.crop_size)
     raise ValueError(f"unknown augmentation {args.augmentation!r}; valid: init, scaled")
 
 
@@ -297,20 +323,37 @@ def compute_max_step(args: argparse.Namespace, num_items: int) -> int:
 
 def mine_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, originals: torch.Tensor,
                        miner: ReliableRegionMiner | None) -> np.ndarray | torch.Tensor:
-    """CAM (B,20,h,w) -> crop size (bilinear, align_corners False), absent classes zeroed and each
-    map normalised, then reliable-region mining on the uint8 crops: (B,H,W) in {0..20,255}.
+    """CAM (B,C,h,w) -> crop size (bilinear, align_corners False), absent classes zeroed and each
+    map normalised, then reliable-region mining on the uint8 crops: (B,H,W) in {0..C,255}.
 
+    One image at a time, and only its present classes normalised into a zero-filled (B,C,H,W) array:
+    normalising leaves the others 0, and on the host their pages are never touched (with COCO's 80
+    classes the full upsampled and normalised stacks were most of mining's memory). The upsampling
+    takes all C channels, as a batch's does: with fewer, the CPU kernel rounds differently.
     miner None = the torch backend: everything on cam's device (labels: the loader's CPU copy, which
     lays out the CRF channels on the host), a tensor there; else a numpy array from the CPU miner."""
+    batch, num_classes = cam.shape[:2]
     height, width = originals.shape[-2:]
-    cam_up = F.interpolate(cam.detach().float(), size=(height, width), mode="bilinear", align_corners=False)
-    if miner is None:
-        norm_cams = normalise_cams_torch(cam_up, labels)
-        return mine_reliable_regions_torch(originals.to(cam_up.device, non_blocking=True), labels, norm_cams,
-                                           training_crf_torch)
-    cam_np = cam_up.cpu().numpy()
     labels_np = labels.detach().cpu().numpy()
-    norm_cams = np.stack([normalise_cam(cam_np[i], labels_np[i]) for i in range(cam_np.shape[0])])
+    shape = (batch, num_classes, height, width)
+    on_device = miner is None
+    norm_cams = torch.zeros(shape, dtype=torch.float32, device=cam.device) if on_device else np.zeros(shape, np.float32)
+    for index in range(batch):
+        present = np.flatnonzero(labels_np[index] > 1e-5)
+        if present.size == 0:
+            continue
+        cam_up = F.interpolate(cam[index:index + 1].detach().float(), size=(height, width), mode="bilinear",
+                               align_corners=False)
+        if on_device:
+            # The channel index goes to the device without waiting (a blocking copy would synchronise).
+            channels = torch.from_numpy(present).to(cam.device, non_blocking=True)
+            normalised = normalise_cams_torch(cam_up.index_select(1, channels), labels_np[index:index + 1, present])
+            norm_cams[index].index_copy_(0, channels, normalised[0])
+        else:
+            norm_cams[index, present] = normalise_cam(cam_up[0].cpu().numpy()[present], labels_np[index, present])
+    if on_device:
+        return mine_reliable_regions_torch(originals.to(cam.device, non_blocking=True), labels, norm_cams,
+                                           training_crf_torch)
     images = np.ascontiguousarray(originals.cpu().numpy().transpose(0, 2, 3, 1), dtype=np.uint8)
     return miner(images, labels_np, norm_cams)
 
@@ -340,7 +383,12 @@ class Trainer:
         self.runtime = runtime
         self.max_step = max_step
         seed_everything(args.seed)  # same initialisation on every rank
-        model = (model_factory or build_segnet)(args.network, args.width)
+        info = resolve_dataset(args.dataset)
+        model = (model_factory or functools.partial(build_segnet, num_classes=info.num_classes))(
+            args.network, args.width)
+        if model.num_classes != info.num_classes:
+            raise ValueError(f"the model has {model.num_classes} classes but --dataset {args.dataset} "
+                             f"has {info.num_classes}")
         if args.weights != "none" and not args.resume:
             load_weights(model, args.weights)
         scale_dropout(model, args.dropout_scale)
@@ -471,7 +519,7 @@ class RunLog:
                 self._drop_redone(metrics_path, start_step, self._metrics_step, keep_unstepped=False)
             self.text = open(text_path, "a")
             self.metrics = open(metrics_path, "a")
-            self.text.write(json.dumps({k: v for k, v in vars(args).items() if k != "network_defaults"}) + "\n")
+            self.text.write(json.dumps({k: v for k, v in vars(args).items() if k not in RECIPE_TABLES}) + "\n")
 
     @staticmethod
     def _text_step(line: str) -> int | None:
@@ -581,6 +629,8 @@ def _restore(trainer: Trainer, args: argparse.Namespace, runtime: Runtime, max_s
     flag_defaults = build_parser({})
     different = []
     for key in sorted(expected):
+        if key not in saved and FORMER_RUN_KEYS.get(key) in saved:
+            saved = {**saved, key: saved[FORMER_RUN_KEYS[key]]}
         before = saved[key] if key in saved else flag_defaults.get_default(key)
         if before != expected[key]:
             recorded = repr(before) if key in saved else f"not recorded, so the default {before!r}"

@@ -25,14 +25,36 @@ from tool.device import autocast_context
 from tool.metrics import segmentation_confusion_matrix
 from tool.mining import BG_POWER_CAM, normalise_cam
 from tool.weights import load_weights
-from voc12.lists import NUM_CLASSES, SEG_CLASS_NAMES, write_palette_mask, write_plain_mask
+from voc12.lists import NUM_CLASSES as VOC_NUM_CLASSES
+from voc12.lists import DatasetInfo, write_palette_mask, write_plain_mask
+
+
+def evaluation_inputs(info: DatasetInfo, root: str | None, *, split: str | None = None,
+                      list_path: str | None = None, image_dir: str | None = None,
+                      gt_dir: str | None = None) -> dict[str, Any]:
+    """EvalDataset arguments for the images of a list as infer_RRM.py reads them: the list (default
+    `<root>/<list folder>/<split or val split>.txt`), one image folder (`image_dir`, else the
+    layout's, of `split` for COCO) and the evaluation masks (`gt_dir`, else the layout's first mask
+    folder if it exists: VOC's SegmentationClass, not the training set SegmentationClassAug). COCO
+    without `split` reads each image's split from its name: image and mask folders are then looked
+    up under the root per image (`root` is set, `image_dir`/`gt_dir` None unless given)."""
+    per_image_split = info.has_split_folders and split is None
+    if image_dir is None and not per_image_split:
+        image_dir = info.image_dir(root, split)
+    if gt_dir is None and root is not None and not per_image_split:
+        evaluation_masks = info.mask_dirs(root, split)[0]
+        gt_dir = evaluation_masks if os.path.isdir(evaluation_masks) else None
+    return {"root": root if per_image_split else None,
+            "list_path": list_path or info.list_path(root, split or info.val_split),
+            "image_dir": image_dir, "gt_dir": gt_dir, "split": split if info.has_split_folders else None}
 
 
 def load_model(network_name: str, weights: str | None, width: float = 1.0,
-               device: torch.device | str = "cpu") -> nn.Module:
-    """SegNet of `network_name` in eval mode on `device`, with `weights` (.pth/.params) loaded strictly
-    (the segmentation head must be in the file); `weights=None` keeps the random initialisation."""
-    model = network.build_segnet(network_name, width)
+               device: torch.device | str = "cpu", num_classes: int = VOC_NUM_CLASSES) -> nn.Module:
+    """SegNet of `network_name` for `num_classes` classes in eval mode on `device`, with `weights`
+    (.pth/.params) loaded strictly (the segmentation head must be in the file, sized for those
+    classes); `weights=None` keeps the random initialisation."""
+    model = network.build_segnet(network_name, width, num_classes)
     if weights is not None:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"--weights: weights file not found: {weights}")
@@ -48,7 +70,7 @@ def _single_item(batch: list[dict]) -> dict:
 @torch.inference_mode()
 def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.0,),
                   flip: bool = False, amp: str = "none") -> torch.Tensor:
-    """Softmax (21,H,W) float32 for one normalised image (1,3,H,W) (or (3,H,W)) on the model's device.
+    """Softmax (C+1,H,W) float32 for one normalised image (1,3,H,W) (or (3,H,W)) on the model's device.
 
     Every scale s runs `predict_seg` on the image resized to (int(H·s), int(W·s)) (bilinear), and
     with `flip` also on its mirror (batched with it, output mirrored back); the logits, upsampled to
@@ -76,21 +98,21 @@ def predict_probs(model: nn.Module, image: torch.Tensor, scales: Sequence[float]
     return torch.softmax(total / (len(scales) * (2 if flip else 1)), dim=0)
 
 
-def image_label(item: dict) -> np.ndarray | None:
-    """The 20-vector image label: 'label' of the item, else the classes of its ground truth, else None."""
+def image_label(item: dict, num_classes: int = VOC_NUM_CLASSES) -> np.ndarray | None:
+    """The image label (num_classes,): 'label' of the item, else the classes of its ground truth, else None."""
     if "label" in item:
         return np.asarray(item["label"], np.float32)
     if "gt" in item:
         present = np.unique(np.asarray(item["gt"]))
-        label = np.zeros(NUM_CLASSES, np.float32)
-        label[present[(present >= 1) & (present <= NUM_CLASSES)] - 1] = 1.0
+        label = np.zeros(num_classes, np.float32)
+        label[present[(present >= 1) & (present <= num_classes)] - 1] = 1.0
         return label
     return None
 
 
 @torch.inference_mode()
 def multiscale_norm_cam(model: nn.Module, image: torch.Tensor, label: np.ndarray) -> np.ndarray:
-    """The training CAM (SegNet's 4-scale CAM) upsampled to the image size and normalised (20,H,W)."""
+    """The training CAM (SegNet's 4-scale CAM) upsampled to the image size and normalised (C,H,W)."""
     cam = model(image)[1]
     cam = F.interpolate(cam.float(), size=image.shape[2:], mode="bilinear", align_corners=False)[0]
     return normalise_cam(cam.cpu().numpy(), label)
@@ -102,16 +124,25 @@ def cam_label_map(norm_cam: np.ndarray) -> np.ndarray:
     return np.argmax(np.concatenate((background, norm_cam)), axis=0).astype(np.uint8)
 
 
+def check_class_count(model: nn.Module, info: DatasetInfo) -> None:
+    """A model must have the data set's classes (a VOC model cannot score COCO, nor the reverse)."""
+    if model.num_classes != info.num_classes:
+        raise ValueError(f"the model has {model.num_classes} classes but {info.title} has {info.num_classes}: "
+                         f"give the --dataset it was trained on")
+
+
 def evaluate_cam(model: nn.Module, dataset: Dataset, progress: bool = True) -> dict[str, Any]:
     """mIoU of the CAM pseudo labels (`cam_label_map` of the 4-scale training CAM, image labels from
-    'label' or the ground truth) over the items with 'gt': ConfusionMatrix.as_dict() + num_images."""
+    'label' or the ground truth) over the items with 'gt': ConfusionMatrix.as_dict() + num_images.
+    `dataset`: an EvalDataset (its `info` gives the classes)."""
     device = next(model.parameters()).device
+    check_class_count(model, dataset.info)
     model.eval()
-    matrix = segmentation_confusion_matrix()
+    matrix = segmentation_confusion_matrix(dataset.info)
     num_images = 0
     for index in tqdm(range(len(dataset)), desc="CAM", unit="img", disable=not progress):
         item = dataset[index]
-        label = image_label(item)
+        label = image_label(item, dataset.info.num_classes)
         if "gt" not in item or label is None:
             continue
         image = torch.as_tensor(item["image"])[None].to(device)
@@ -126,13 +157,14 @@ def format_summary(summary: dict[str, Any]) -> str:
                if summary.get(key) is not None]
     if not columns:
         return f"{summary['num_images']} images; no ground truth, so no mIoU"
-    name_width = max(len(name) for name in SEG_CLASS_NAMES + ("pixel accuracy",))
+    names = list(columns[0][1]["iou"])  # the data set's classes, background first
+    name_width = max(len(name) for name in names + ["pixel accuracy"])
 
     def percent(value: float | None) -> str:
         return f"{'n/a' if value is None else f'{100 * value:.2f}':>8}"
 
     lines = [f"{'class':<{name_width}}" + "".join(f"{title:>8}" for title, _ in columns)]
-    for name in SEG_CLASS_NAMES:
+    for name in names:
         lines.append(f"{name:<{name_width}}" + "".join(percent(m["iou"][name]) for _, m in columns))
     lines.append(f"{'mean IoU':<{name_width}}" + "".join(percent(m["mean_iou"]) for _, m in columns))
     lines.append(f"{'pixel accuracy':<{name_width}}" + "".join(percent(m["pixel_accuracy"]) for _, m in columns))
@@ -150,7 +182,8 @@ def run_inference(model: nn.Module, dataset: Dataset, *, out_pred_dir: str | Non
                   crf_backend: str = "pydensecrf",
                   amp: str = "none", num_workers: int = 0, summary_path: str | None = None,
                   progress: bool = True, extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Predict every item of `dataset` (evaluation dicts), write PNGs, score against 'gt' when present.
+    """Predict every item of `dataset` (an EvalDataset, whose `info` gives the classes), write PNGs,
+    score against 'gt' when present.
 
     Writes `<out_pred_dir>/<id>.png` (no CRF) and, with `crf`, `<out_crf_dir>/<id>.png`, as 8-bit
     class-index PNGs; `out_color_dir` adds VOC-palette copies under `no_crf/` and `crf/`. Any
@@ -171,7 +204,8 @@ def run_inference(model: nn.Module, dataset: Dataset, *, out_pred_dir: str | Non
     for folder in (out_pred_dir, out_crf_dir if crf else None, color_dirs["no_crf"], color_dirs["crf"] if crf else None):
         if folder:
             os.makedirs(folder, exist_ok=True)
-    matrices = {kind: segmentation_confusion_matrix() for kind in ("no_crf", "crf")}
+    check_class_count(model, dataset.info)
+    matrices = {kind: segmentation_confusion_matrix(dataset.info) for kind in ("no_crf", "crf")}
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers,
                         collate_fn=_single_item, pin_memory=device.type == "cuda")
     num_images = num_with_gt = 0

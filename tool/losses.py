@@ -13,11 +13,11 @@ NO_BG_CENTRE_TERM = 1.0   # bg-centre part of the centre term when the batch has
 
 
 def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Multilabel soft-margin loss of the (B,20) class logits against the multi-hot labels."""
+    """Multilabel soft-margin loss of the (B,C) class logits against the multi-hot labels."""
     logits = logits.reshape(logits.shape[0], -1)
     if logits.shape != labels.shape:
         raise ValueError(f"classification_loss: logits {tuple(logits.shape)} and labels "
-                         f"{tuple(labels.shape)} must have the same (B, 20) shape")
+                         f"{tuple(labels.shape)} must have the same (B, C) shape")
     return F.multilabel_soft_margin_loss(logits, labels.to(logits.dtype))
 
 
@@ -49,14 +49,15 @@ def _cosine(a: Tensor, b: Tensor) -> Tensor:
 
 
 def bcd_loss(seg: Tensor, seg_feature: Tensor) -> Tensor:
-    """Background/class-centre discrimination loss of the attention variant, SPEC §8."""
+    """Background/class-centre discrimination loss of the attention variant, SPEC §8; its class loop
+    runs over seg's C+1 channels (VOC 21, COCO 81)."""
     if seg.dim() != 4 or seg_feature.dim() != 4 or seg.shape[0] != seg_feature.shape[0] \
             or seg.shape[2:] != seg_feature.shape[2:]:
-        raise ValueError(f"bcd_loss: seg (B,21,h,w) and seg_feature (B,C,h,w) must share B,h,w; got "
+        raise ValueError(f"bcd_loss: seg (B,C+1,h,w) and seg_feature (B,C,h,w) must share B,h,w; got "
                          f"{tuple(seg.shape)} and {tuple(seg_feature.shape)}")
     batch, num_labels = seg.shape[:2]
     pixel_class = seg.detach().argmax(dim=1).flatten(1)                      # (B,N)
-    membership = F.one_hot(pixel_class, num_labels).to(seg_feature.dtype)   # (B,N,21)
+    membership = F.one_hot(pixel_class, num_labels).to(seg_feature.dtype)   # (B,N,C+1)
     features = seg_feature.flatten(2).transpose(1, 2)                        # (B,N,C)
     feature_norm = features.norm(dim=2)                                      # (B,N)
 
@@ -68,15 +69,15 @@ def bcd_loss(seg: Tensor, seg_feature: Tensor) -> Tensor:
     bg_terms = ((1 - bg_cos) * bg_member).sum(dim=1) / (bg_count + COUNT_EPS)
     bg_terms = torch.where(bg_count > 0, bg_terms, torch.full_like(bg_terms, NO_BG_PIXEL_TERM))
 
-    fg_member = membership[..., 1:]                                          # (B,N,20)
-    fg_count = fg_member.sum(dim=(0, 1))                                     # (20,)
+    fg_member = membership[..., 1:]                                          # (B,N,C)
+    fg_count = fg_member.sum(dim=(0, 1))                                     # (C,)
     fg_centre = torch.einsum("bnk,bnc->kc", fg_member, features) / (fg_count[:, None] + COUNT_EPS)
     fg_cos = torch.einsum("bnc,kc->bnk", features, fg_centre) / (
         feature_norm[..., None] * fg_centre.norm(dim=1) + COS_EPS)
     fg_terms = ((1 - fg_cos) * fg_member).sum(dim=(0, 1)) / (fg_count + COUNT_EPS)
 
-    # Means over the present classes as masked sums over all 20, so nothing waits on the device.
-    present = (fg_count > 0).to(features.dtype)                              # (20,)
+    # Means over the present classes as masked sums over all C, so nothing waits on the device.
+    present = (fg_count > 0).to(features.dtype)                              # (C,)
     num_fg = present.sum()
     pixel_term = (bg_terms.sum() + (fg_terms * present).sum()) / (num_fg + batch)
     pairs = present[:, None] * present[None, :] * (1 - torch.eye(num_labels - 1, dtype=features.dtype,
@@ -93,8 +94,8 @@ def joint_loss(logits: Tensor, labels: Tensor, seg_logits: Tensor, pseudo_label:
                seg_feature: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one training step: cls + split CE + dense energy [+ BCD when seg_feature is given].
 
-    logits (B,20); labels (B,20) multi-hot; seg_logits (B,21,h,w) at feature resolution;
-    pseudo_label (B,H,W) in {0..20,255} at crop size; original_images (B,3,H,W) 0..255 (any dtype);
+    logits (B,C); labels (B,C) multi-hot; seg_logits (B,C+1,h,w) at feature resolution (C: the data
+    set's class count); pseudo_label (B,H,W) in {0..C,255} at crop size; original_images (B,3,H,W) 0..255 (any dtype);
     roi (B,H,W) 1 = real pixel; dense_energy a DenseEnergyLoss or None to leave that term out;
     seg_feature (B,C,h,w) of the attention variant turns on the BCD term (on seg_logits).
     Returns the total and each term detached (0-d tensors on the loss's device, so that reading them

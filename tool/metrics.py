@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from voc12.lists import IGNORE_LABEL, NUM_SEG_CLASSES, SEG_CLASS_NAMES
+from voc12.lists import IGNORE_LABEL, VOC12, DatasetInfo
 
 
 def _is_dist_initialised() -> bool:
@@ -130,9 +130,10 @@ class ConfusionMatrix:
         return "\n".join(lines)
 
 
-def segmentation_confusion_matrix() -> ConfusionMatrix:
-    """The matrix every VOC mIoU here is scored with: background + 20 classes, 255 ignored."""
-    return ConfusionMatrix(NUM_SEG_CLASSES, IGNORE_LABEL, SEG_CLASS_NAMES)
+def segmentation_confusion_matrix(info: DatasetInfo = VOC12) -> ConfusionMatrix:
+    """The matrix every mIoU here is scored with: background + the data set's classes (VOC 20,
+    COCO 80), 255 ignored."""
+    return ConfusionMatrix(info.num_seg_classes, IGNORE_LABEL, info.seg_class_names)
 
 
 class SmoothedValue:

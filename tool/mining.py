@@ -1,4 +1,7 @@
-"""Reliable region mining (SPEC §5): CAM + two dense CRFs -> pseudo label with 255 = unreliable."""
+"""Reliable region mining (SPEC §5): CAM + two dense CRFs -> pseudo label with 255 = unreliable.
+
+The class count is the label vectors' length (VOC's 20, COCO's 80): CAMs and labels must agree on
+it, and only the present classes reach the CRFs."""
 import multiprocessing
 import os
 from contextlib import contextmanager
@@ -10,7 +13,7 @@ import torch
 from tool.crf import TRAINING_CRF_PARAMS, dense_crf_same_image, resolve_crf_backend
 from tool.crf_torch import training_crf_torch
 from tool.device import cores_per_process
-from voc12.lists import IGNORE_LABEL, NUM_CLASSES
+from voc12.lists import IGNORE_LABEL
 
 CAM_FLOOR = 0.1          # CAM values at or below this never set a class threshold
 CAM_QUANTILE = 0.6       # position of the class threshold among the sorted CAM values
@@ -24,14 +27,17 @@ _SINGLE_THREAD_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS
 
 
 def normalise_cam(cam: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """Zero the absent classes of an upsampled CAM (20,H,W) and divide each map by (max + 1e-5)."""
+    """Zero the absent classes of an upsampled CAM (C,H,W) and divide each map by (max + 1e-5);
+    label (C,) multi-hot, C the class count."""
     cam = np.asarray(cam)
     label = np.asarray(label)
-    if cam.ndim != 3 or cam.shape[0] != NUM_CLASSES:
-        raise ValueError(f"normalise_cam: cam must be ({NUM_CLASSES}, H, W), got shape {cam.shape}")
-    if label.shape != (NUM_CLASSES,):
-        raise ValueError(f"normalise_cam: label must have shape ({NUM_CLASSES},), got {label.shape}")
-    present = (label > 1e-5).reshape(NUM_CLASSES, 1, 1)
+    if label.ndim != 1 or label.size < 1:
+        raise ValueError(f"normalise_cam: label must be a (C,) vector, got shape {label.shape}")
+    num_classes = label.shape[0]
+    if cam.ndim != 3 or cam.shape[0] != num_classes:
+        raise ValueError(f"normalise_cam: cam must be ({num_classes}, H, W) for a label of {num_classes} "
+                         f"classes, got shape {cam.shape}")
+    present = (label > 1e-5).reshape(num_classes, 1, 1)
     masked = np.where(present, cam, 0).astype(cam.dtype, copy=False)
     return masked / (masked.max(axis=(1, 2), keepdims=True) + 1e-5)
 
@@ -41,18 +47,21 @@ def _check_mining_inputs(image: np.ndarray, label: np.ndarray, norm_cam: np.ndar
             or image.shape[2] != 3:
         raise ValueError(f"mine_reliable_regions: image must be uint8 H x W x 3, got "
                          f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
-    if np.shape(label) != (NUM_CLASSES,):
-        raise ValueError(f"mine_reliable_regions: label must have shape ({NUM_CLASSES},), "
-                         f"got {np.shape(label)}")
-    if np.shape(norm_cam) != (NUM_CLASSES,) + image.shape[:2]:
+    if len(np.shape(label)) != 1 or np.size(label) < 1:
+        raise ValueError(f"mine_reliable_regions: label must be a (C,) vector, got shape {np.shape(label)}")
+    num_classes = np.shape(label)[0]
+    if np.shape(norm_cam) != (num_classes,) + image.shape[:2]:
         raise ValueError(f"mine_reliable_regions: norm_cam must have shape "
-                         f"({NUM_CLASSES}, {image.shape[0]}, {image.shape[1]}), got {np.shape(norm_cam)}")
+                         f"({num_classes}, {image.shape[0]}, {image.shape[1]}) for a label of {num_classes} "
+                         f"classes, got {np.shape(norm_cam)}")
 
 
 def _class_thresholds(classes: np.ndarray, cam_img: np.ndarray, cam_value: np.ndarray) -> np.ndarray:
-    """Per-label threshold (21,): a pixel of cam_img class c is CAM-sure iff its score > thr[c]."""
+    """Per-label threshold, indexed by label (0 = bg) up to the largest of cam_img and classes: a
+    pixel of cam_img class c is CAM-sure iff its score > thr[c]."""
     # Same dtype as the scores: the released code compares float32 maps with Python floats in float32.
-    thresholds = np.full(NUM_CLASSES + 1, np.inf, dtype=cam_value.dtype)
+    largest_label = int(max(cam_img.max(initial=0), classes.max(initial=0)))
+    thresholds = np.full(largest_label + 1, np.inf, dtype=cam_value.dtype)
     for class_index in classes:
         if class_index == 0:
             thresholds[0] = BG_CAM_SURE
@@ -67,9 +76,9 @@ def _class_thresholds(classes: np.ndarray, cam_img: np.ndarray, cam_value: np.nd
 
 def mine_reliable_regions(image: np.ndarray, label: np.ndarray, norm_cam: np.ndarray,
                           backend: str = "auto") -> np.ndarray:
-    """Pseudo label (H,W) int64 in {0..20, 255} of one crop, SPEC §5.
+    """Pseudo label (H,W) int64 in {0..C, 255} of one crop, SPEC §5; label (C,), norm_cam (C,H,W).
 
-    Works on [bg; present classes] channels only: absent classes are 0 in the released 21-channel
+    Works on [bg; present classes] channels only: absent classes are 0 in the released (C+1)-channel
     maps and never win an argmax there (the winner is > 0), so the labels are identical.
     backend: a --crf_backend value; these are CPU arrays, so auto = pydensecrf (released); torch runs
     `mine_reliable_regions_torch` with the torch CRF on the CPU.
@@ -87,8 +96,8 @@ def mine_reliable_regions(image: np.ndarray, label: np.ndarray, norm_cam: np.nda
     channel_label = np.concatenate(([0], present + 1))
     present_cams = norm_cam[present]
     present_max = np.max(present_cams, axis=0, keepdims=True)
-    # The CAM bg takes the max over all 20 channels, absent ones being 0.
-    all_max = present_max if present.size == NUM_CLASSES else np.maximum(present_max, 0)
+    # The CAM bg takes the max over all C channels, absent ones being 0.
+    all_max = present_max if present.size == len(label) else np.maximum(present_max, 0)
     cam_all = np.concatenate((np.power(1 - all_max, BG_POWER_CAM), present_cams))
     cam_img = channel_label[np.argmax(cam_all, axis=0)]
     cam_value = np.max(cam_all, axis=0)
@@ -113,8 +122,8 @@ def mine_reliable_regions(image: np.ndarray, label: np.ndarray, norm_cam: np.nda
 
 def _mine_packed(image: np.ndarray, label: np.ndarray, present: np.ndarray,
                  present_cams: np.ndarray) -> np.ndarray:
-    """Worker entry: rebuild the full 20-channel CAM from the present channels sent over the pipe."""
-    norm_cam = np.zeros((NUM_CLASSES,) + present_cams.shape[1:], dtype=present_cams.dtype)
+    """Worker entry: rebuild the full C-channel CAM from the present channels sent over the pipe."""
+    norm_cam = np.zeros((len(label),) + present_cams.shape[1:], dtype=present_cams.dtype)
     norm_cam[present] = present_cams
     return mine_reliable_regions(image, label, norm_cam)
 
@@ -157,8 +166,8 @@ class ReliableRegionMiner:
         images, labels, norm_cams = np.asarray(images), np.asarray(labels), np.asarray(norm_cams)
         if images.ndim != 4 or labels.ndim != 2 or norm_cams.ndim != 4 \
                 or not images.shape[0] == labels.shape[0] == norm_cams.shape[0]:
-            raise ValueError(f"ReliableRegionMiner: expected images (B,H,W,3), labels (B,20), "
-                             f"norm_cams (B,20,H,W); got {images.shape}, {labels.shape}, {norm_cams.shape}")
+            raise ValueError(f"ReliableRegionMiner: expected images (B,H,W,3), labels (B,C), "
+                             f"norm_cams (B,C,H,W); got {images.shape}, {labels.shape}, {norm_cams.shape}")
         if self.workers > 0 and self._pool is None:
             raise RuntimeError("ReliableRegionMiner: the worker pool was closed")
         if self._pool is None:
@@ -207,7 +216,7 @@ _LABEL_PRESENT = 1e-5
 
 
 def _present_classes_host(labels: "torch.Tensor | np.ndarray", name: str) -> np.ndarray:
-    """labels (B,20) on the host -> bool (B,20) with numpy's `label > 1e-5` (in labels' dtype)."""
+    """labels (B,C) on the host -> bool (B,C) with numpy's `label > 1e-5` (in labels' dtype)."""
     if isinstance(labels, torch.Tensor):
         if labels.device.type != "cpu":
             raise ValueError(f"{name}: labels must be a host (CPU) tensor or numpy array, the channel "
@@ -215,28 +224,28 @@ def _present_classes_host(labels: "torch.Tensor | np.ndarray", name: str) -> np.
                              f"the loader's CPU copy: reading a device tensor would synchronise)")
         labels = labels.detach().numpy()
     labels = np.asarray(labels)
-    if labels.ndim != 2 or labels.shape[1] != NUM_CLASSES:
-        raise ValueError(f"{name}: labels must be (B, {NUM_CLASSES}), got shape {labels.shape}")
+    if labels.ndim != 2 or labels.shape[1] < 1:
+        raise ValueError(f"{name}: labels must be (B, C), got shape {labels.shape}")
     return labels > _LABEL_PRESENT
 
 
 def normalise_cams_torch(cams: torch.Tensor, labels: "torch.Tensor | np.ndarray") -> torch.Tensor:
-    """`normalise_cam` of each image of a batch: cams (B,20,H,W) float32/float64 on any device,
-    labels (B,20) (any device, or numpy) -> (B,20,H,W) on cams' device, same dtype.
+    """`normalise_cam` of each image of a batch: cams (B,C,H,W) float32/float64 on any device,
+    labels (B,C) (any device, or numpy) -> (B,C,H,W) on cams' device, same dtype.
 
     Absent classes (label <= 1e-5) become 0, each map is divided by (its spatial max + 1e-5), all in
     cams' dtype as numpy does (NEP 50: the Python 1e-5 is rounded to that dtype), so the result equals
     `normalise_cam` bit for bit. No host-device synchronisation.
     """
-    if not isinstance(cams, torch.Tensor) or cams.ndim != 4 or cams.shape[1] != NUM_CLASSES:
-        raise ValueError(f"normalise_cams_torch: cams must be a (B, {NUM_CLASSES}, H, W) tensor, got "
+    if not isinstance(cams, torch.Tensor) or cams.ndim != 4:
+        raise ValueError(f"normalise_cams_torch: cams must be a (B, C, H, W) tensor, got "
                          f"{type(cams).__name__} {tuple(getattr(cams, 'shape', ()))}")
     if cams.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"normalise_cams_torch: cams must be float32 or float64, got {cams.dtype}")
     if not isinstance(labels, torch.Tensor):
         labels = torch.from_numpy(np.asarray(labels))
-    if labels.shape != (cams.shape[0], NUM_CLASSES):
-        raise ValueError(f"normalise_cams_torch: labels must be ({cams.shape[0]}, {NUM_CLASSES}) to "
+    if labels.shape != cams.shape[:2]:
+        raise ValueError(f"normalise_cams_torch: labels must be ({cams.shape[0]}, {cams.shape[1]}) to "
                          f"match cams, got {tuple(labels.shape)}")
     if labels.is_floating_point():
         # numpy compares in the labels' dtype: round 1e-5 to it.
@@ -301,8 +310,9 @@ def _check_torch_mining_inputs(images: torch.Tensor, norm_cams: torch.Tensor, cr
                          f"{type(images).__name__} {getattr(images, 'dtype', '')} "
                          f"{tuple(getattr(images, 'shape', ()))}")
     batch, _, height, width = images.shape
-    if not isinstance(norm_cams, torch.Tensor) or tuple(norm_cams.shape) != (batch, NUM_CLASSES, height, width):
-        raise ValueError(f"{name}: norm_cams must be a ({batch}, {NUM_CLASSES}, {height}, {width}) tensor "
+    if not isinstance(norm_cams, torch.Tensor) or norm_cams.ndim != 4 \
+            or (norm_cams.shape[0], *norm_cams.shape[2:]) != (batch, height, width):
+        raise ValueError(f"{name}: norm_cams must be a ({batch}, C, {height}, {width}) tensor "
                          f"to match images, got {type(norm_cams).__name__} "
                          f"{tuple(getattr(norm_cams, 'shape', ()))}")
     if norm_cams.dtype != torch.float32:
@@ -368,15 +378,15 @@ def mine_reliable_regions_torch(images: torch.Tensor, labels: "torch.Tensor | np
                                 power: PowerMode = "auto") -> torch.Tensor:
     """Batched `mine_reliable_regions` (SPEC §5) on the inputs' device, with no host-device sync.
 
-    images (B,3,H,W) uint8 (the crops, `batch["original"]`); labels (B,20) on the host (CPU tensor or
-    numpy: it decides the channel layout); norm_cams (B,20,H,W) float32 on images' device (see
+    images (B,3,H,W) uint8 (the crops, `batch["original"]`); labels (B,C) on the host (CPU tensor or
+    numpy: it decides the channel layout); norm_cams (B,C,H,W) float32 on images' device (see
     `normalise_cams_torch`); crf: `BatchCRF`, called once with probs (B,2,K,H,W) = the alpha 4 and 32
     maps [(1 - max)^alpha; present cams ascending; 0 padding], K = 1 + the batch's most present
-    classes, and label_mask (B,K). Returns (B,H,W) int64 in {0..20, 255} on images' device.
+    classes, and label_mask (B,K). Returns (B,H,W) int64 in {0..C, 255} on images' device.
 
     With marginals equal to `dense_crf_same_image`'s the result equals `mine_reliable_regions` pixel
     for pixel: float32 throughout, comparisons with 0.1/0.8 in float32, the CRF confidence compared
-    with 0.8 in float64, first-index argmax, the CAM bg using max(present max, 0) unless all 20
+    with 0.8 in float64, first-index argmax, the CAM bg using max(present max, 0) unless all C
     classes are present, and an image without a present class all background (its CRF output is
     ignored). `power` picks the (1 - max)^alpha implementation (see `_power`): the default is exact
     on CPU; on other devices float64 squaring, within 1 ulp of numpy's float32 power.
@@ -385,9 +395,9 @@ def mine_reliable_regions_torch(images: torch.Tensor, labels: "torch.Tensor | np
     _check_torch_mining_inputs(images, norm_cams, crf, power)
     present = _present_classes_host(labels, name)
     batch, _, height, width = images.shape
-    if present.shape[0] != batch:
-        raise ValueError(f"{name}: labels must be ({batch}, {NUM_CLASSES}) to match images, "
-                         f"got {present.shape}")
+    if present.shape != norm_cams.shape[:2]:
+        raise ValueError(f"{name}: labels must be ({batch}, {norm_cams.shape[1]}) to match images and "
+                         f"norm_cams, got {present.shape}")
     device = images.device
     table_host, channels = _channel_layout(present)
     if channels == 1:  # no image has a present class: all sure background, no CRF
@@ -397,7 +407,7 @@ def mine_reliable_regions_torch(images: torch.Tensor, labels: "torch.Tensor | np
     valid = channel_label >= 0                                    # (B,K) the CRF's label_mask
     num_present = valid.sum(dim=1) - 1
     empty = (num_present == 0)[:, None, None]
-    has_absent = (num_present < NUM_CLASSES)[:, None, None]
+    has_absent = (num_present < present.shape[1])[:, None, None]
 
     index = gather_index[:, 1:, None, None].expand(batch, channels - 1, height, width)
     present_cams = norm_cams.gather(1, index)                     # (B,K-1,H,W)
@@ -407,7 +417,7 @@ def mine_reliable_regions_torch(images: torch.Tensor, labels: "torch.Tensor | np
     present_max = torch.where(valid_cls, present_cams, minus_inf).amax(dim=1)
     present_max = torch.where(empty, zero, present_max)           # no class: probs [1], ignored
 
-    # CAM map: the bg uses the max over all 20 channels, the absent ones being 0.
+    # CAM map: the bg uses the max over all C channels, the absent ones being 0.
     all_max = torch.where(has_absent, torch.maximum(present_max, zero), present_max)
     cam_all = torch.cat((_power(1 - all_max, BG_POWER_CAM, power)[:, None],
                          torch.where(valid_cls, present_cams, minus_inf)), dim=1)

@@ -2,8 +2,9 @@
 
     python -m tool.visualize --network network.RRM --weights RRM_final.pth --voc12_root VOC2012 \\
         --ids 2007_000033 2007_000129 --out_dir panels
+    python -m tool.visualize --dataset coco14 --data_root COCO --weights coco_final.pth --num 4
 
-Label maps use the VOC palette; ignore (255) is shown white.
+Label maps use the VOC palette (COCO's masks use it too); ignore (255) is shown white.
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from torch import nn
 
 from tool.cli import run_cli
 from tool.crf_pool import crf_label_map
+from tool.datasets import add_dataset_arguments, data_module, resolve_data_root, resolve_dataset
 from tool.device import add_device_arguments, pick_device
-from tool.inference import image_label, load_model, multiscale_norm_cam, predict_probs
+from tool.inference import evaluation_inputs, image_label, load_model, multiscale_norm_cam, predict_probs
 from tool.mining import mine_reliable_regions
 from voc12.data import EvalDataset
-from voc12.lists import IGNORE_LABEL, IMAGE_DIR, MASK_DIR, VOC_PALETTE, default_list_path
+from voc12.lists import IGNORE_LABEL, VOC_PALETTE
 
 PANEL_TITLES: tuple[str, ...] = ("input", "ground truth", "CAM", "reliable labels", "prediction", "prediction + CRF")
 TITLE_HEIGHT = 20
@@ -95,7 +97,7 @@ def panel_for_item(model: nn.Module, item: dict, crf: bool = True, scales: Seque
     model.eval()
     original = np.ascontiguousarray(np.asarray(item["original"], np.uint8))
     image = torch.as_tensor(item["image"])[None].to(device)
-    label = image_label(item)
+    label = image_label(item, model.num_classes)
     heatmap = reliable = None
     if label is not None:
         norm_cam = multiscale_norm_cam(model, image, label)
@@ -128,8 +130,11 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser.add_argument("--weights", required=True, help="trained .pth")
     parser.add_argument("--network", default="network.RRM", help='network.RRM or "network.RRM(attention)"')
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier the weights were trained with")
-    parser.add_argument("--voc12_root", required=True, help="VOC2012 folder (JPEGImages, SegmentationClass)")
-    parser.add_argument("--list", default=None, help="image list (default: val.txt under --voc12_root)")
+    add_dataset_arguments(parser, "data set root (VOC2012 folder with JPEGImages, SegmentationClass; or the COCO "
+                                  "root as `python -m coco14.prepare` leaves it); this or --voc12_root is needed")
+    parser.add_argument("--split", default=None,
+                        help="as infer_RRM.py: the default list's split; COCO: also the image and mask folders")
+    parser.add_argument("--list", default=None, help="image list (default: the val list under the root)")
     parser.add_argument("--ids", nargs="+", default=None, help="images to draw (default: the first --num of the list)")
     parser.add_argument("--num", type=int, default=4, help="how many images when --ids is not given")
     parser.add_argument("--out_dir", default="./output/panels", help="where <id>_panel.png go")
@@ -138,11 +143,13 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error(f"--num must be >= 1, got {args.num}")
-    mask_dir = os.path.join(args.voc12_root, MASK_DIR)
-    dataset = EvalDataset(list_path=args.list or default_list_path(args.voc12_root, "val"),
-                          image_dir=os.path.join(args.voc12_root, IMAGE_DIR),
-                          gt_dir=mask_dir if os.path.isdir(mask_dir) else None)
-    model = load_model(args.network, args.weights, args.width, pick_device(args.device))
+    root, root_flag = resolve_data_root(args, None)
+    if root is None:
+        parser.error("give --data_root (or, for VOC, --voc12_root)")
+    info = resolve_dataset(args.dataset)
+    dataset = data_module(args.dataset).EvalDataset(**evaluation_inputs(info, root, split=args.split,
+                                                                        list_path=args.list))
+    model = load_model(args.network, args.weights, args.width, pick_device(args.device), info.num_classes)
     paths = write_panels(model, dataset, args.ids or dataset.ids[:args.num], args.out_dir, crf=not args.no_crf)
     for path in paths:
         print(path)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tool.checkpoint import verify_checksum_file
+from tool.datasets import DATASETS
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ BN_FIELDS = {"gamma": "weight", "beta": "bias", "mean": "running_mean", "var": "
 # Layers a classification / ImageNet checkpoint lacks; they keep their initialisation.
 HEAD_PREFIXES = ("fc8_seg_conv", "GAU_w")
 CLASSIFIER_PREFIX = "fc8."
+# Parameters whose first dimension is the class count (fc8) or the class count + 1 (segmentation heads).
+CLASS_HEAD_KEYS = ("fc8.weight", "fc8_seg_conv2.weight", "fc8_seg_conv2.bias", "fc8_seg_conv4.weight")
 MAX_LISTED = 10  # shape mismatches spelled out in a load error
 
 
@@ -286,6 +289,24 @@ def _allowed_missing(model_keys: set[str], state: dict[str, torch.Tensor], is_mx
     return {key for key in model_keys if key.startswith(prefixes)}
 
 
+def _class_head_mismatch(state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor]) -> str | None:
+    """The error for class heads sized for another class count (a VOC checkpoint in a COCO run, or
+    the reverse), naming each head's shapes; None when they fit."""
+    differing = [key for key in CLASS_HEAD_KEYS if key in state and key in model_state
+                 and state[key].shape[:1] != model_state[key].shape[:1]]
+    if not differing:
+        return None
+
+    def classes(shapes: dict[str, torch.Tensor], key: str) -> int:
+        return shapes[key].shape[0] - (0 if key.startswith(CLASSIFIER_PREFIX) else 1)
+    shapes = "; ".join(f"{key}: file {tuple(state[key].shape)} vs model {tuple(model_state[key].shape)}"
+                       for key in differing)
+    counts = ", ".join(f"{info.title} has {info.num_classes}" for info in DATASETS.values())
+    return (f"its class heads are for {classes(state, differing[0])} classes but the model's for "
+            f"{classes(model_state, differing[0])} ({shapes}): a checkpoint of another data set "
+            f"({counts}; see --dataset)")
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike, allow_missing_heads: bool | None = None) -> None:
     """Load `path` into `model`, checking every key.
 
@@ -310,8 +331,12 @@ def load_weights(model: nn.Module, path: str | os.PathLike, allow_missing_heads:
         errors.append(f"missing keys: {sorted(missing - allowed)}")
     if unexpected:
         errors.append(f"unexpected keys: {sorted(unexpected)}")
+    head_error = _class_head_mismatch(state, model_state)
+    if head_error:
+        errors.append(head_error)
     mismatched = [f"{key}: file {tuple(state[key].shape)} vs model {tuple(model_state[key].shape)}"
-                  for key in sorted(set(state) & model_keys) if state[key].shape != model_state[key].shape]
+                  for key in sorted(set(state) & model_keys) if state[key].shape != model_state[key].shape
+                  and not (head_error and key in CLASS_HEAD_KEYS)]
     if mismatched:
         # A model of another width mismatches nearly every tensor: the first few say enough.
         more = f" ... and {len(mismatched) - MAX_LISTED} more" if len(mismatched) > MAX_LISTED else ""

@@ -1,4 +1,4 @@
-"""VOC12 datasets for RRM training and evaluation.
+"""VOC12 datasets for RRM training and evaluation; with another `info` (coco14.data) those of COCO-2014.
 
 Randomness: every dataset draws from its own `numpy.random.Generator` (flip, crop offsets, scale,
 and the seed of torchvision's ColorJitter, run inside a forked torch RNG), restarted by
@@ -19,9 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import ColorJitter
 
 from voc12.lists import (
-    CLASS_NAMES, IGNORE_LABEL, IMAGE_DIR, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, VOC_PALETTE, PathLike,
-    check_decodable, default_cls_labels_path, default_list_path, find_mask_path, labels_for_ids,
-    load_cls_labels, read_id_list, read_mask, read_rgb, require_dir,
+    CLASS_NAMES, IGNORE_LABEL, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, VOC12, VOC_PALETTE, DatasetInfo, PathLike,
+    check_decodable, labels_for_ids, load_cls_labels, read_id_list, read_mask, read_rgb, require_dir,
 )
 
 __all__ = [
@@ -83,29 +82,38 @@ def to_chw(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 
-class _VOCImageList(Dataset):
-    """Ids of a list with checked `<image_dir>/<id>.jpg` files and an own random generator.
+class _ImageList(Dataset):
+    """Ids of a list with checked image files and an own random generator.
 
-    The list is `ids`, else the file `list_path`, else `<root>/ImageSets/Segmentation/<default_split>.txt`;
-    `image_dir` defaults to `<root>/JPEGImages`. Without a root, give the image folder and the ids or list.
+    The list is `ids`, else the file `list_path`, else `<root>/<list folder>/<default_split>.txt`;
+    images are `<image_dir>/<id>.jpg` when `image_dir` is given, else in the folder the data set's
+    layout (`info`) gives under the root: for COCO that of `split`, else of the split the id names.
+    Without a root, give the image folder and the ids or list.
     """
 
-    def __init__(self, voc12_root: PathLike | None, list_path: PathLike | None, default_split: str,
-                 seed: int | None, *, ids: Sequence[str] | None = None, image_dir: PathLike | None = None) -> None:
-        if voc12_root is None and (image_dir is None or (ids is None and list_path is None)):
-            raise ValueError("without a VOC12 root, give the image folder and the ids or the list file")
+    info: DatasetInfo = VOC12
+
+    def __init__(self, root: PathLike | None, list_path: PathLike | None, default_split: str,
+                 seed: int | None, *, ids: Sequence[str] | None = None, image_dir: PathLike | None = None,
+                 split: str | None = None) -> None:
+        if root is None and (image_dir is None or (ids is None and list_path is None)):
+            raise ValueError(f"without a {self.info.title} root, give the image folder and the ids or the list file")
         if ids is not None and list_path is not None:
             raise ValueError(f"give ids or a list file ({list_path}), not both")
-        if voc12_root is not None:
-            require_dir(voc12_root, "VOC12 root")
-        self.voc12_root = os.fspath(voc12_root) if voc12_root is not None else None
-        self.image_dir = os.fspath(image_dir) if image_dir is not None else os.path.join(self.voc12_root, IMAGE_DIR)
-        require_dir(self.image_dir, "image folder")
+        if root is not None:
+            require_dir(root, f"{self.info.title} root")
+        self.root = os.fspath(root) if root is not None else None
+        self.split = split
+        if image_dir is None and (split is not None or not self.info.has_split_folders):
+            image_dir = self.info.image_dir(self.root, split)
+        self.image_dir = os.fspath(image_dir) if image_dir is not None else None  # None: each id's split folder
+        if self.image_dir is not None:
+            require_dir(self.image_dir, "image folder")
         if ids is not None:
             self.list_path = None
             self.ids = list(ids)
         else:
-            self.list_path = os.fspath(list_path) if list_path is not None else default_list_path(voc12_root, default_split)
+            self.list_path = os.fspath(list_path) if list_path is not None else self.info.list_path(root, default_split)
             self.ids = read_id_list(self.list_path)
         missing = [self._image_path(i) for i in self.ids if not os.path.isfile(self._image_path(i))]
         if missing:
@@ -114,7 +122,9 @@ class _VOCImageList(Dataset):
         self.rng = np.random.default_rng(seed)
 
     def _image_path(self, image_id: str) -> str:
-        return os.path.join(self.image_dir, image_id + ".jpg")
+        if self.image_dir is not None:
+            return os.path.join(self.image_dir, image_id + ".jpg")
+        return self.info.image_path(self.root, image_id, self.split)
 
     def check_images(self, num_workers: int = 0, part: int = 0, parts: int = 1) -> None:
         """Decode every listed image (in `num_workers` DataLoader processes) before training starts,
@@ -156,17 +166,19 @@ class _DecodeCheck(Dataset):
         return ""
 
 
-class _LabelledImageList(_VOCImageList):
-    """An image list whose every id must have a class-label vector."""
+class _LabelledImageList(_ImageList):
+    """An image list whose every id must have a class-label vector (of the data set's class count)."""
 
-    def __init__(self, voc12_root: PathLike, list_path: PathLike | None, cls_labels_path: PathLike | None,
+    def __init__(self, root: PathLike, list_path: PathLike | None, cls_labels_path: PathLike | None,
                  crop_size: int, seed: int | None) -> None:
-        super().__init__(voc12_root, list_path, "train_aug", seed)
+        super().__init__(root, list_path, self.info.train_split, seed)
         if crop_size < 1:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         self.crop_size = crop_size
-        self.cls_labels_path = os.fspath(cls_labels_path) if cls_labels_path is not None else default_cls_labels_path(voc12_root)
-        self.labels = labels_for_ids(load_cls_labels(self.cls_labels_path), self.ids, self.cls_labels_path)
+        self.cls_labels_path = (os.fspath(cls_labels_path) if cls_labels_path is not None
+                                else self.info.cls_labels_path(root))
+        self.labels = labels_for_ids(load_cls_labels(self.cls_labels_path, self.info.num_classes), self.ids,
+                                     self.cls_labels_path)
 
 
 class TrainDatasetInit(_LabelledImageList):
@@ -177,11 +189,11 @@ class TrainDatasetInit(_LabelledImageList):
     `apply_random_resize=True` to apply it (bicubic, long side uniform in `resize_long`).
     """
 
-    def __init__(self, voc12_root: PathLike, list_path: PathLike | None = None,
+    def __init__(self, root: PathLike, list_path: PathLike | None = None,
                  cls_labels_path: PathLike | None = None, crop_size: int = 448, *,
                  apply_random_resize: bool = False, resize_long: tuple[int, int] = (256, 512),
                  seed: int | None = None) -> None:
-        super().__init__(voc12_root, list_path, cls_labels_path, crop_size, seed)
+        super().__init__(root, list_path, cls_labels_path, crop_size, seed)
         if not 0 < resize_long[0] <= resize_long[1]:
             raise ValueError(f"resize_long must be (min, max) with 0 < min <= max, got {resize_long}")
         self.apply_random_resize = apply_random_resize
@@ -229,10 +241,10 @@ class TrainDatasetScaled(_LabelledImageList):
     scale per batch); a plain index draws a scale of its own from `scale_range`.
     """
 
-    def __init__(self, voc12_root: PathLike, list_path: PathLike | None = None,
+    def __init__(self, root: PathLike, list_path: PathLike | None = None,
                  cls_labels_path: PathLike | None = None, crop_size: int = 321, *,
                  scale_range: tuple[float, float] = SCALE_RANGE, seed: int | None = None) -> None:
-        super().__init__(voc12_root, list_path, cls_labels_path, crop_size, seed)
+        super().__init__(root, list_path, cls_labels_path, crop_size, seed)
         self.scale_range = _check_scale_range(scale_range)
 
     def __getitem__(self, item: int | tuple[int, float]) -> dict:
@@ -265,22 +277,24 @@ def _check_scale_range(scale_range: Sequence[float]) -> tuple[float, float]:
     return low, high
 
 
-class EvalDataset(_VOCImageList):
+class EvalDataset(_ImageList):
     """Full images for inference/evaluation: id, normalised image (3,H,W), original (H,W,3) uint8,
     'gt' int64 (H,W) when a mask exists, and 'label' when the id is in the class-label file.
 
-    Masks are `<gt_dir>/<id>.png` when `gt_dir` is given, else SegmentationClass (or
-    SegmentationClassAug) under the root, else none. `require_gt=True` makes a missing mask an
-    error (checked here for every id). `cls_labels_path=None` uses `<root>/cls_labels.npy` if that
-    file exists. Without a root (`voc12_root=None`) give `image_dir` and `ids` or `list_path`
-    (infer_RRM.py's --IMpath and --LISTpath); the list defaults to the root's val.txt.
+    Masks are `<gt_dir>/<id>.png` when `gt_dir` is given, else in the layout's mask folders under
+    the root (VOC: SegmentationClass, then SegmentationClassAug; COCO: SegmentationClass/<split>),
+    else none. `require_gt=True` makes a missing mask an error (checked here for every id).
+    `cls_labels_path=None` uses `<root>/cls_labels.npy` if that file exists. Without a root
+    (`root=None`) give `image_dir` and `ids` or `list_path` (infer_RRM.py's --IMpath and
+    --LISTpath); the list defaults to the root's val list. `split` fixes the split folder of a
+    layout that has them (COCO; default: the split each id names).
     """
 
-    def __init__(self, voc12_root: PathLike | None = None, list_path: PathLike | None = None,
+    def __init__(self, root: PathLike | None = None, list_path: PathLike | None = None,
                  cls_labels_path: PathLike | None = None, *, ids: Sequence[str] | None = None,
                  image_dir: PathLike | None = None, gt_dir: PathLike | None = None,
-                 require_gt: bool = False) -> None:
-        super().__init__(voc12_root, list_path, "val", seed=None, ids=ids, image_dir=image_dir)
+                 require_gt: bool = False, split: str | None = None) -> None:
+        super().__init__(root, list_path, self.info.val_split, seed=None, ids=ids, image_dir=image_dir, split=split)
         if gt_dir is not None:
             require_dir(gt_dir, "ground-truth folder")
         self.gt_dir = os.fspath(gt_dir) if gt_dir is not None else None
@@ -288,23 +302,26 @@ class EvalDataset(_VOCImageList):
         if require_gt:
             for image_id in self.ids:
                 self._require_mask(image_id)
-        if cls_labels_path is None and voc12_root is not None and os.path.isfile(default_cls_labels_path(voc12_root)):
-            cls_labels_path = default_cls_labels_path(voc12_root)
-        self.labels = load_cls_labels(cls_labels_path) if cls_labels_path is not None else {}
+        if cls_labels_path is None and root is not None and os.path.isfile(self.info.cls_labels_path(root)):
+            cls_labels_path = self.info.cls_labels_path(root)
+        self.labels = load_cls_labels(cls_labels_path, self.info.num_classes) if cls_labels_path is not None else {}
 
     def _mask_path(self, image_id: str) -> str | None:
         if self.gt_dir is not None:
             path = os.path.join(self.gt_dir, image_id + ".png")
             return path if os.path.isfile(path) else None
-        return find_mask_path(self.voc12_root, image_id) if self.voc12_root is not None else None
+        return self.info.mask_path(self.root, image_id, self.split) if self.root is not None else None
 
     def _require_mask(self, image_id: str) -> str:
         mask_path = self._mask_path(image_id)
         if mask_path is None:
             if self.gt_dir is not None:
                 where = f"{self.gt_dir} has no {image_id}.png"
-            elif self.voc12_root is not None:
-                where = f"neither SegmentationClass nor SegmentationClassAug under {self.voc12_root} has {image_id}.png"
+            elif self.root is not None:
+                split = self.info.image_split(image_id, self.split)
+                folders = [os.path.relpath(folder, self.root) for folder in self.info.mask_dirs(self.root, split)]
+                folders_text = ("neither " if len(folders) > 1 else "") + " nor ".join(folders)
+                where = f"{folders_text} under {self.root} has {image_id}.png"
             else:
                 where = "no ground-truth folder was given"
             raise FileNotFoundError(f"mask not found for {image_id}: {where}")

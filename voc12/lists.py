@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 from PIL import Image
@@ -56,17 +57,100 @@ def _voc_palette() -> np.ndarray:
 VOC_PALETTE: np.ndarray = _voc_palette()
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A data set as the tools see it: its classes and where its files lie under a root.
+
+    Folders are relative to the root; `{split}` in one stands for the split of the image, which is
+    the `split` a caller gives, else `split_of_id(image_id)` (COCO names the split in every file
+    name). VOC's layout has no split folders. Label vectors have `num_classes` entries; masks hold
+    0 = background, 1..num_classes, and IGNORE_LABEL.
+    """
+
+    name: str
+    title: str  # how messages name it ("VOC12", "COCO-2014")
+    class_names: tuple[str, ...]
+    default_root: str
+    train_split: str
+    val_split: str
+    image_folder: str
+    mask_folders: tuple[str, ...]  # looked up in this order
+    list_folder: str
+    split_of_id: Callable[[str], str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def seg_class_names(self) -> tuple[str, ...]:
+        return ("background",) + self.class_names
+
+    @property
+    def num_seg_classes(self) -> int:
+        return self.num_classes + 1
+
+    @property
+    def has_split_folders(self) -> bool:
+        """Whether each split has its own image folder (then an image's split must be known)."""
+        return "{split}" in self.image_folder
+
+    def image_split(self, image_id: str, split: str | None = None) -> str | None:
+        """The split whose folders hold `image_id`: `split` if given, else the one its name says."""
+        if split is not None or self.split_of_id is None:
+            return split
+        return self.split_of_id(image_id)
+
+    def _folder(self, root: PathLike, folder: str, split: str | None) -> str:
+        if "{split}" in folder:
+            if split is None:
+                raise ValueError(f"{self.title}: {folder} under {root} needs the split of the image")
+            folder = folder.format(split=split)
+        return os.path.join(root, folder)
+
+    def image_dir(self, root: PathLike, split: str | None = None) -> str:
+        """The image folder of `split` (a layout without split folders needs none)."""
+        return self._folder(root, self.image_folder, split)
+
+    def image_path(self, root: PathLike, image_id: str, split: str | None = None) -> str:
+        return os.path.join(self.image_dir(root, self.image_split(image_id, split)), image_id + ".jpg")
+
+    def mask_dirs(self, root: PathLike, split: str | None = None) -> list[str]:
+        """The folders that may hold the masks of `split`, in the order they are looked in (the first
+        holds the evaluation masks: VOC's SegmentationClassAug is the augmented training set)."""
+        return [self._folder(root, folder, split) for folder in self.mask_folders]
+
+    def mask_path(self, root: PathLike, image_id: str, split: str | None = None) -> str | None:
+        """The first existing `<mask folder>/<id>.png` under the root, else None."""
+        for folder in self.mask_dirs(root, self.image_split(image_id, split)):
+            candidate = os.path.join(folder, image_id + ".png")
+            if os.path.isfile(candidate):
+                return candidate
+        return None
+
+    def list_path(self, root: PathLike, split: str) -> str:
+        return os.path.join(root, self.list_folder, split + ".txt")
+
+    def cls_labels_path(self, root: PathLike) -> str:
+        return os.path.join(root, CLS_LABELS_FILE)
+
+
+VOC12 = DatasetInfo(name="voc12", title="VOC12", class_names=CLASS_NAMES, default_root="VOC2012",
+                    train_split="train_aug", val_split="val", image_folder=IMAGE_DIR,
+                    mask_folders=(MASK_DIR, AUG_MASK_DIR), list_folder=LIST_DIR)
+
+
 def annotation_path(root: PathLike, image_id: str) -> str:
     return os.path.join(root, ANNOTATION_DIR, image_id + ".xml")
 
 
 def default_list_path(root: PathLike, split: str) -> str:
     """`<root>/ImageSets/Segmentation/<split>.txt` (split: train, val, train_aug, ...)."""
-    return os.path.join(root, LIST_DIR, split + ".txt")
+    return VOC12.list_path(root, split)
 
 
 def default_cls_labels_path(root: PathLike) -> str:
-    return os.path.join(root, CLS_LABELS_FILE)
+    return VOC12.cls_labels_path(root)
 
 
 def require_dir(path: PathLike, what: str) -> None:
@@ -103,8 +187,9 @@ def write_id_list(path: PathLike, ids: Iterable[str], pairs: bool = False) -> No
                 handle.write(image_id + "\n")
 
 
-def load_cls_labels(path: PathLike) -> dict[str, np.ndarray]:
-    """`cls_labels.npy`: a numpy pickle of a dict id -> float32 multi-hot vector of 20."""
+def load_cls_labels(path: PathLike, num_classes: int = NUM_CLASSES) -> dict[str, np.ndarray]:
+    """`cls_labels.npy`: a numpy pickle of a dict id -> float32 multi-hot vector of `num_classes`
+    (VOC's 20, COCO's 80)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"class label file not found: {path}")
     try:
@@ -116,8 +201,8 @@ def load_cls_labels(path: PathLike) -> dict[str, np.ndarray]:
     converted = {}
     for image_id, vector in labels.items():
         vector = np.asarray(vector, np.float32)
-        if vector.shape != (NUM_CLASSES,):
-            raise ValueError(f"{path}: label of {image_id!r} has shape {vector.shape}, expected ({NUM_CLASSES},)")
+        if vector.shape != (num_classes,):
+            raise ValueError(f"{path}: label of {image_id!r} has shape {vector.shape}, expected ({num_classes},)")
         converted[str(image_id)] = vector
     return converted
 
@@ -199,12 +284,3 @@ def write_palette_mask(path: PathLike, mask: np.ndarray) -> None:
 def write_plain_mask(path: PathLike, mask: np.ndarray) -> None:
     """Save class indices as a plain 8-bit PNG (as SegmentationClassAug)."""
     Image.fromarray(np.ascontiguousarray(mask, np.uint8)).save(path)
-
-
-def find_mask_path(root: PathLike, image_id: str) -> str | None:
-    """`SegmentationClass/<id>.png` if present, else `SegmentationClassAug/<id>.png`, else None."""
-    for folder in (MASK_DIR, AUG_MASK_DIR):
-        candidate = os.path.join(root, folder, image_id + ".png")
-        if os.path.isfile(candidate):
-            return candidate
-    return None

@@ -397,6 +397,8 @@ class SyntheticSample:
     mask: np.ndarray  # (H,W) uint8 class index, 255 on the border band
     objects: list[tuple[str, tuple[int, int, int, int], bool]]  # class, 1-based box, truncated
     label: np.ndarray  # float32[20]
+    placements: list[Placement]  # drawn in this order, each over the earlier ones
+    instances: np.ndarray  # (H,W) int32: 0 = background, k = placements[k - 1] visible
 
 
 def generate_sample(rng: np.random.Generator, classes: Sequence[str], size_min: int, size_max: int,
@@ -421,7 +423,8 @@ def generate_sample(rng: np.random.Generator, classes: Sequence[str], size_min: 
     image = cv2.GaussianBlur(image.astype(np.float32), (3, 3), 0.7) + rng.normal(0, noise_sigma, image.shape)
     mask = class_map.copy()
     mask[border_band(instances, border_width)] = IGNORE_LABEL
-    return SyntheticSample(np.clip(np.rint(image), 0, 255).astype(np.uint8), mask, objects, label)
+    return SyntheticSample(np.clip(np.rint(image), 0, 255).astype(np.uint8), mask, objects, label, placements,
+                           instances)
 
 
 def parse_classes(spec: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -478,15 +481,22 @@ def generate_dataset(out: PathLike, num_train: int, num_val: int, seed: int = 0,
     return {"train": num_train, "val": num_val, "train_aug": num_train}
 
 
+def add_generator_arguments(parser: argparse.ArgumentParser, out_help: str, split_help: tuple[str, str],
+                            counts: tuple[int, int], sizes: tuple[int, int]) -> None:
+    """The flags every synthetic generator has: --out, --num_train, --num_val, --seed, --size_min, --size_max."""
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--num_train", type=int, default=counts[0], help=f"images in {split_help[0]}")
+    parser.add_argument("--num_val", type=int, default=counts[1], help=f"images in {split_help[1]}")
+    parser.add_argument("--seed", type=int, default=0, help="the output is a pure function of the options")
+    parser.add_argument("--size_min", type=int, default=sizes[0], help="smallest image side in pixels")
+    parser.add_argument("--size_max", type=int, default=sizes[1], help="largest image side in pixels")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="root of the VOC-format tree to write (the --voc12_root)")
-    parser.add_argument("--num_train", type=int, default=200, help="images in train.txt / train_aug.txt")
-    parser.add_argument("--num_val", type=int, default=50, help="images in val.txt")
-    parser.add_argument("--seed", type=int, default=0, help="the output is a pure function of the options")
-    parser.add_argument("--size_min", type=int, default=128, help="smallest image side in pixels")
-    parser.add_argument("--size_max", type=int, default=192, help="largest image side in pixels")
+    add_generator_arguments(parser, "root of the VOC-format tree to write (the --voc12_root)",
+                            ("train.txt / train_aug.txt", "val.txt"), (200, 50), (128, 192))
     parser.add_argument("--classes", default=",".join(DEFAULT_CLASSES),
                         help="comma-separated VOC class names, or 'all' for the 20 classes")
     parser.add_argument("--border_width", type=int, default=3, help="odd width of the 255 band along object borders")
