@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.test_mining import loop_reference_mining as released_style_mining  # noqa: E402
-from tool.engine import mine_pseudo_labels  # noqa: E402
-from tool.mining import ReliableRegionMiner, normalise_cam  # noqa: E402
+from tool.mining import ReliableRegionMiner, mine_pseudo_labels, normalise_cam  # noqa: E402
 
 CROP = 321
 BATCH = 4

@@ -12,10 +12,10 @@ import bilateralfilter
 from network import build_segnet
 from tool.bilateral import bilateral_filter
 from tool.crf_torch import training_crf_torch
-from tool.engine import mine_pseudo_labels
 from tool.lattice import bilateral_filter_torch
 from tool.losses import bcd_loss
-from tool.mining import ReliableRegionMiner, mine_reliable_regions, mine_reliable_regions_torch, normalise_cam
+from tool.mining import (ReliableRegionMiner, mine_pseudo_labels, mine_reliable_regions, mine_reliable_regions_torch,
+                         normalise_cam)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COCO_PRESENT = [2, 40, 79]  # three of COCO's 80 classes ...

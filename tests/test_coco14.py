@@ -232,6 +232,20 @@ def test_data_sets_find_images_by_the_split_in_their_name(coco_root):
     assert split_of_id(image_stem("train2014", 9)) == "train2014"
 
 
+def test_training_sets_crop_the_prepared_masks_with_their_images(coco_root):
+    # --region_quality on COCO: each training id's mask from SegmentationClass/<its split>, 81 labels.
+    for dataset_class in (coco_data.TrainDatasetInit, coco_data.TrainDatasetScaled):
+        dataset = dataset_class(coco_root, crop_size=80, load_gt=True)  # larger than every image
+        assert dataset.gives_gt and all(dataset.mask_paths)
+        for index in range(len(dataset.ids)):
+            item = dataset.fixed_item(index)
+            mask = np.array(Image.open(os.path.join(coco_root, "SegmentationClass", "train2014",
+                                                    dataset.ids[index] + ".png")))
+            rows, cols = np.flatnonzero(item["roi"].any(1)), np.flatnonzero(item["roi"].any(0))
+            np.testing.assert_array_equal(item["gt"][rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], mask)
+            assert (item["gt"][item["roi"] == 0] == 255).all()
+
+
 def test_labels_of_another_class_count_are_refused(coco_root, tmp_path):
     with pytest.raises(ValueError, match="cls_labels.npy: label of .* has shape \\(80,\\), expected \\(20,\\)"):
         load_cls_labels(os.path.join(coco_root, "cls_labels.npy"))

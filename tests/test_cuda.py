@@ -28,7 +28,8 @@ def cuda_trainer(voc_root, *extra, backend="pydensecrf", network_name="network.R
 
 
 def batch_of(voc_root):
-    dataset = TrainDatasetScaled(voc_root, crop_size=64, seed=0)
+    # With the ground truth: the joint steps also count the reliable-region quality (--region_quality).
+    dataset = TrainDatasetScaled(voc_root, crop_size=64, seed=0, load_gt=True)
     return default_collate([dataset[(i, 1.0)] for i in range(2)])
 
 
@@ -42,6 +43,8 @@ def test_training_step_on_cuda(voc_root, amp, backend):
         for t in range(2):  # the scaler may skip its first step while it calibrates
             result = trainer.step(batch_of(voc_root), t)
             assert all(torch.isfinite(torch.tensor(v)) for v in result.terms.values()), result.terms
+            assert set(result.quality) == {"", "cam_"} and 0 <= int(result.quality[""].kept) <= int(
+                result.quality[""].valid) and int(result.quality[""].valid) > 0
         changed = [not torch.equal(a, b.detach()) for a, b in zip(before, trainer.model.parameters())]
         assert sum(changed) > len(changed) // 2
         assert all(p.device.type == "cuda" for p in trainer.model.parameters())
@@ -78,9 +81,9 @@ def test_inference_on_cuda_equals_cpu(name):
 
 @pytest.mark.parametrize("network_name", ["network.RRM", "network.RRM(attention)"])
 def test_a_torch_backend_step_never_waits_on_the_device(voc_root, network_name):
-    # Mining (CAM upsampling, both CRFs, thresholds), the losses (dense energy included), backward
-    # and the optimiser step under "error": any synchronising call raises. Only the logging point
-    # of `step` (outside `update`) reads the terms.
+    # Mining (CAM upsampling, both CRFs, thresholds), the region-quality counts of the mined and the
+    # CAM labels, the losses (dense energy included), backward and the optimiser step under "error":
+    # any synchronising call raises. Only the logging point of `step` (outside `update`) reads them.
     trainer = cuda_trainer(voc_root, backend="torch", network_name=network_name)
     try:
         batch = batch_of(voc_root)
@@ -95,6 +98,8 @@ def test_a_torch_backend_step_never_waits_on_the_device(voc_root, network_name):
         assert set(result.terms) == {"cls", "ce", "dense", "total"} | ({"bcd"} if "attention" in network_name else set())
         assert all(value.device.type == "cuda" for value in result.terms.values())
         assert all(torch.isfinite(value).item() for value in result.terms.values())
+        assert set(result.quality) == {"", "cam_"}
+        assert all(counts.as_vector().device.type == "cuda" for counts in result.quality.values())
     finally:
         trainer.close()
 

@@ -37,8 +37,13 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert written["num_val_images"] == 3
     # both phases of train_from_init ran: classification-only updates, then joint ones
     with open(os.path.join(out, "run", "demo_metrics.jsonl")) as handle:
-        phases = [json.loads(line)["classification_only"] for line in handle]
-    assert phases == [True, True, True, False]
+        records = [json.loads(line) for line in handle]
+    assert [r["classification_only"] for r in records] == [True, True, True, False]
+    # the run is watched: the joint update's figures, the curves, TensorBoard events
+    assert "precision" not in records[2] and 0.0 <= records[3]["cam_precision"] <= 1.0
+    assert written["reliable_regions"]["cam_precision"] == pytest.approx(records[3]["cam_precision"])
+    assert Image.open(written["curves"]).format == "PNG"
+    assert os.listdir(os.path.join(out, "run", "tensorboard", "demo_"))
     assert os.path.isfile(written["weights"])
     # the no-CRF / CRF mIoU agree with scoring the written PNGs independently
     ids = read_id_list(os.path.join(out, "data", "ImageSets", "Segmentation", "val.txt"))

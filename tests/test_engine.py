@@ -16,9 +16,9 @@ from tool.checkpoint import (atomic_save, capture_rng_state, load_resume_checkpo
                              save_model_weights)
 from tool.cli import run_cli
 from tool.dense_energy import DenseEnergyLoss
-from tool.engine import RunLog, Trainer, build_parser, finalize_args, mine_pseudo_labels, run_training, setup_runtime
+from tool.engine import RunLog, Trainer, build_parser, finalize_args, run_training, setup_runtime
 from tool.losses import bcd_loss, classification_loss, split_cross_entropy
-from tool.mining import ReliableRegionMiner
+from tool.mining import ReliableRegionMiner, mine_pseudo_labels
 from tool.train_batches import PositionSeededDataset, StepBatchSampler
 from voc12.data import TrainDatasetScaled
 
@@ -461,7 +461,8 @@ def test_resume_accepts_flags_that_cannot_change_the_weights(voc_root, tmp_path)
     argv = ["--max_step", "3", "--session_name", "h_"]
     first = run_training(tiny_args(train_from_cls_weight, voc_root, tmp_path, *argv), stop_after=1)
     harmless = ["--log_every", "7", "--save_every", "5", "--no_progress", "--num_workers", "1", "--mining_workers",
-                "1", "--release_memory"] + ([] if torch.cuda.is_available() else ["--device", "auto"])
+                "1", "--release_memory", "--tensorboard", "--vis_every", "9", "--vis_images", "1",
+                "--region_quality"] + ([] if torch.cuda.is_available() else ["--device", "auto"])
     resumed = run_training(tiny_args(train_from_cls_weight, voc_root, tmp_path, *argv, *harmless,
                                      "--resume", first.resume_checkpoint))
     assert resumed.steps_done == 4

@@ -1,9 +1,12 @@
 """Reliable-region quality against ground truth: hand-worked counts, a brute-force recount, edge cases."""
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from tool.region_quality import count_region_quality, per_class_precision, region_figures
+from tool.region_quality import (RegionCounts, count_region_quality, per_class_precision, quality_summary,
+                                 region_figures, summary_counts)
 
 # 3 labels; 255 in MINED = not kept, in GT = void; ROI 0 = padding.
 GT = np.array([[[0, 0, 1, 1],
@@ -101,6 +104,27 @@ def test_counts_accumulate_over_steps_like_one_batch(to_input):
         total = counts if total is None else total + counts
     joined = [np.concatenate(parts) for parts in zip(first, second)]
     assert as_lists(total) == brute_force(*joined, 5)
+
+
+@pytest.mark.parametrize("to_input", [np.asarray, torch.from_numpy], ids=["numpy", "torch"])
+def test_one_vector_carries_the_counts_and_a_summary_restores_them(to_input):
+    mined, gt, roi = random_batch(12)
+    counts = count_region_quality(to_input(mined), to_input(gt), 5, to_input(roi))
+    vector = counts.as_vector()
+    valid, kept, correct, kept_c, correct_c = brute_force(mined, gt, roi, 5)
+    assert vector.dtype == torch.int64 and vector.tolist() == [valid, kept, correct, *kept_c, *correct_c]
+    assert as_lists(RegionCounts.from_vector(vector.tolist(), 5)) == as_lists(counts)
+    names = ("bg", "a", "b", "c", "d")
+    summary = json.loads(json.dumps(quality_summary({"": counts, "cam_": counts + counts}, names)))
+    assert summary["precision"] == summary["cam_precision"] == pytest.approx(correct / kept)
+    assert summary["per_class_precision"] == {names[c]: pytest.approx(correct_c[c] / kept_c[c])
+                                              for c in range(5) if kept_c[c]}
+    restored = summary_counts(summary, 5)
+    assert as_lists(restored["cam_"]) == as_lists(counts + counts)
+    with pytest.raises(ValueError, match="expected 13 values for 5 labels"):
+        RegionCounts.from_vector(vector.tolist()[:-1], 5)
+    with pytest.raises(ValueError, match="2 label names for counts of 5 labels"):
+        quality_summary({"": counts}, names[:2])
 
 
 def test_all_ignored_and_all_void_batches_give_none_not_nan():

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
 
-from tool.run_monitor import RunMonitor, training_panel, training_scalars
-from tool.visualize import GAP, TITLE_HEIGHT
+from tool.run_monitor import RunMonitor, training_scalars
+from tool.visualize import GAP, TITLE_HEIGHT, training_panel
 from voc12.lists import VOC_PALETTE
 
 

@@ -120,7 +120,7 @@ DDP_DRIVER = textwrap.dedent("""
 
 
 def test_ddp_two_gloo_processes_match_one_process(voc_root, tmp_path):
-    argv = ["--batch_size", "4", "--max_step", "4", "--seed", "3"]
+    argv = ["--batch_size", "4", "--max_step", "4", "--seed", "3", "--region_quality"]
     single = run_training(parse(train_from_init, tiny_argv(voc_root, tmp_path / "single", *argv)),
                           model_factory=no_dropout_segnet)
     driver = tmp_path / "driver.py"
@@ -139,6 +139,13 @@ def test_ddp_two_gloo_processes_match_one_process(voc_root, tmp_path):
     for ddp_record, single_record in zip(ddp_records, single_records):
         assert ddp_record["cls"] == pytest.approx(single_record["cls"], rel=1e-5, abs=1e-6)
     assert ddp_records[3]["dense"] == pytest.approx(single_records[3]["dense"], rel=1e-3)
+    # Rank 0 logs the region counts summed over the ranks: the valid pixels depend on the data alone.
+    summaries = []
+    for run in ("ddp", "single"):
+        with open(tmp_path / run / "RRM_region_quality.json") as handle:
+            summaries.append(json.load(handle)["counts"])
+    assert summaries[0][""][0] == summaries[1][""][0] == summaries[1]["cam_"][0] > 0
+    assert ddp_records[3]["cam_precision"] == pytest.approx(single_records[3]["cam_precision"], abs=0.01)
     # Step 3's split CE is a mean over each process's valid pixels (not over the global batch), so the
     # final weights agree only up to that step's small seg-head update.
     ddp = torch.load(tmp_path / "ddp" / "RRM_final.pth", weights_only=True)

@@ -166,27 +166,27 @@ def save_resume_checkpoint(path: str, *, model: torch.nn.Module, optimizer: torc
     atomic_save({**payload, "sha256": payload_sha256(payload)}, path)
 
 
-def load_resume_checkpoint(path: str) -> dict[str, Any]:
-    """The payload of a resume checkpoint; ValueError naming `path` for a foreign, old or corrupt file."""
+def load_resume_checkpoint(path: str, flag: str = "--resume") -> dict[str, Any]:
+    """The payload of a resume checkpoint; ValueError naming `flag` and `path` for a foreign, old or corrupt file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
+        raise FileNotFoundError(f"{flag}: checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
-        raise ValueError(f"--resume: {path} is corrupt or not a PyTorch checkpoint "
+        raise ValueError(f"{flag}: {path} is corrupt or not a PyTorch checkpoint "
                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
     if isinstance(checkpoint, dict) and checkpoint.get("format") == "rrm-resume-v1":
-        raise ValueError(f"--resume: {path} was written by an older version of this trainer (no checksum, "
+        raise ValueError(f"{flag}: {path} was written by an older version of this trainer (no checksum, "
                          f"incomplete run settings); it cannot be resumed exactly")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != RESUME_FORMAT:
-        raise ValueError(f"--resume: {path} is not a resume checkpoint written by this trainer "
-                         f"(a released-style weight file goes to --weights instead)")
+        raise ValueError(f"{flag}: {path} is not a resume checkpoint written by this trainer "
+                         f"(released-style weight files are .pth or .params, for --weights)")
     stored = checkpoint.pop("sha256", None)
     try:
         actual = payload_sha256(checkpoint)
     except TypeError as error:
-        raise ValueError(f"--resume: {path} is corrupt: {error}") from error
+        raise ValueError(f"{flag}: {path} is corrupt: {error}") from error
     if stored != actual:
-        raise ValueError(f"--resume: {path} is corrupt: its content's SHA-256 {actual} does not match the "
+        raise ValueError(f"{flag}: {path} is corrupt: its content's SHA-256 {actual} does not match the "
                          f"stored {stored}")
     return checkpoint

@@ -13,6 +13,10 @@
    each); dropout off (--dropout_scale 0); dense energy weight 1.6e-5 (released 1e-7 at crop 321:
    the energy sums over pixel pairs, ~160x fewer at crop 80); objects of 3 classes with distinct
    colours on clutter-free backgrounds;
+   The run is watched (`--region_quality --tensorboard`: the synthetic set has masks): the metrics
+   of each joint update carry the precision and coverage of the reliable regions and of the CAM
+   labels, TensorBoard events go to <out>/run/tensorboard/demo_, and the curves to
+   <out>/run/demo_curves.png (tool.plot_metrics);
 3. evaluate on the synthetic val set: the CAM pseudo labels of the final model, the RRM
    segmentation without and with CRF (tool.inference, as infer_RRM.py);
 4. print the table, write <out>/results.json and panels <out>/panels/<id>_panel.png.
@@ -33,8 +37,9 @@ from typing import Any, Sequence
 
 import train_from_init
 from tool.engine import build_parser as build_training_parser
-from tool.engine import run_training
+from tool.engine import run_training, session_path
 from tool.inference import evaluate_cam, load_model, run_inference
+from tool.plot_metrics import plot_run, read_run
 from tool.schedule import OPTIMIZERS
 from tool.visualize import write_panels
 from voc12.data import EvalDataset
@@ -128,7 +133,7 @@ def training_argv(args: argparse.Namespace, data_root: str, run_dir: str) -> lis
             "--densecrfloss", str(args.densecrfloss), "--seed", str(args.seed),
             "--num_workers", str(args.num_workers), "--device", "cpu", "--save_dir", run_dir,
             "--session_name", "demo_", "--log_every", str(max(1, args.max_step // 10)),
-            "--save_every", str(args.max_step)]
+            "--save_every", str(args.max_step), "--region_quality", "--tensorboard"]
     if args.momentum is not None:
         argv += ["--momentum", str(args.momentum)]
     if args.mining_workers is not None:
@@ -163,6 +168,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     training_args = build_training_parser(train_from_init.DEFAULTS, train_from_init.__doc__).parse_args(
         training_argv(args, data_root, run_dir))
     trained = run_training(training_args)
+    curves = plot_run(read_run(session_path(training_args, "metrics.jsonl")), session_path(training_args, "curves.png"))
+    with open(session_path(training_args, "region_quality.json")) as handle:
+        regions = json.load(handle)
     train_seconds = time.perf_counter() - start - data_seconds
 
     print("[3/4] evaluating on the synthetic val set", flush=True)
@@ -184,7 +192,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                           "CAM, image classes only, each map divided by its maximum",
         "per_class_iou": {"cam": cam["iou"], "rrm": segmentation["no_crf"]["iou"],
                           "rrm_crf": segmentation["crf"]["iou"]},
-        "weights": trained.final_weights, "panels": panels,
+        "reliable_regions": {key: regions[key] for key in ("precision", "coverage", "cam_precision")},
+        "weights": trained.final_weights, "panels": panels, "curves": curves,
         "config": {**vars(args), "training_argv": training_argv(args, data_root, run_dir)},
         "seconds": {"data": data_seconds, "train": train_seconds,
                     "evaluate": time.perf_counter() - start - data_seconds - train_seconds,

@@ -22,7 +22,6 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -32,14 +31,16 @@ from tool.checkpoint import (atomic_write_text, capture_rng_state, load_resume_c
                              save_model_weights, save_resume_checkpoint, unwrap_model)
 from tool.cli import inputs_checked
 from tool.crf import add_crf_backend_argument, resolve_crf_backend
-from tool.crf_torch import training_crf_torch
 from tool.datasets import add_dataset_arguments, data_module, resolve_data_root, resolve_dataset
 from tool.dense_energy import DenseEnergyLoss
 from tool.device import add_device_arguments, autocast_context, cores_per_process, pick_device, resolve_amp
 from tool.losses import classification_loss, joint_loss
-from tool.mining import ReliableRegionMiner, mine_reliable_regions_torch, normalise_cam, normalise_cams_torch
+from tool.mining import ReliableRegionMiner, cam_label_maps, crop_norm_cams, mine_norm_cams
+from tool.region_quality import RegionCounts, count_region_quality, quality_summary, region_figures, summary_counts
+from tool.run_monitor import RunMonitor, training_scalars
 from tool.schedule import OPTIMIZERS, SECOND_PHASE_LR, LearningRateSchedule, build_optimizer
 from tool.train_batches import PositionSeededDataset, StepBatchSampler
+from tool.visualize import fixed_batch, training_panels
 from tool.weights import load_weights
 from voc12.lists import DatasetInfo
 
@@ -61,7 +62,15 @@ RESUME_MAY_DIFFER = frozenset({
     "voc12_root", "data_root_flag",  # a spelling of data_root, which is compared
     "max_epoches",  # only gives max_step, which is compared as resolved
     "network_defaults", "dataset_defaults",  # recipe tables; the values they gave (lr, batch_size, ...) are compared
+    # Watching a run: the ground-truth masks are read beside the augmentation (its draws are the
+    # same), the panels' forward runs in eval mode without gradients, and neither draws random numbers.
+    "tensorboard", "vis_every", "vis_images", "region_quality",
 })
+# --tensorboard's training panels: every VIS_EVERY updates, the first VIS_IMAGES training ids.
+VIS_EVERY = 500
+VIS_IMAGES = 4
+# Prefixes of the reliable-region figures: the mined labels, and the CAM pseudo label before the CRFs.
+MINED, CAM = "", "cam_"
 # The name under which a checkpoint written before a key's renaming records it.
 FORMER_RUN_KEYS = {"data_root": "voc12_root"}
 RECIPE_TABLES = ("network_defaults", "dataset_defaults")
@@ -151,6 +160,24 @@ def build_parser(script_defaults: Mapping[str, Any], description: str = "") -> a
     output.add_argument("--no_progress", action="store_true", help="no tqdm bar (the log lines stay)")
     output.add_argument("--resume", default=None, help="resume checkpoint <save_dir>/<session>resume.pt to continue")
 
+    watch = parser.add_argument_group("watching a run (none of these changes the weights)")
+    watch.add_argument("--tensorboard", action="store_true",
+                       help="TensorBoard events under <save_dir>/tensorboard/<session_name> (rank 0): every loss "
+                            "term, the lr of each parameter group, images/s, the reliable-region figures of "
+                            "--region_quality, and training panels every --vis_every updates")
+    watch.add_argument("--vis_every", type=int, default=None,
+                       help=f"with --tensorboard: panels (input | CAM | reliable labels | prediction) every N "
+                            f"updates (default {VIS_EVERY})")
+    watch.add_argument("--vis_images", type=int, default=None,
+                       help=f"with --tensorboard: the panels show the first N training ids, centre-cropped "
+                            f"without augmentation (default {VIS_IMAGES})")
+    watch.add_argument("--region_quality", action="store_true",
+                       help="read each training id's ground-truth mask (VOC: SegmentationClass or "
+                            "SegmentationClassAug; COCO: the prepared masks), cropped as its image, and log the "
+                            "precision and coverage of the mined labels and of the CAM labels before the CRFs "
+                            "(metrics JSONL, TensorBoard, <session>region_quality.json); ids without a mask are "
+                            "left out")
+
     # The script's DataLoader count is the released one; finalize_args caps it by the usable cores.
     recipe = {"dataset_defaults": {}, **script_defaults}
     recipe["released_num_workers"] = recipe.pop("num_workers", 8)
@@ -196,6 +223,14 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--dropout_scale must be in [0, 1], got {args.dropout_scale}")
     if args.mining_workers is not None and args.mining_workers < 0:
         raise ValueError(f"--mining_workers must be >= 0, got {args.mining_workers}")
+    for name, default in (("vis_every", VIS_EVERY), ("vis_images", VIS_IMAGES)):
+        value = getattr(args, name)
+        if value is not None and not args.tensorboard:
+            raise ValueError(f"--{name} needs --tensorboard (the panels go to its event files)")
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+        if args.tensorboard and value is None:
+            setattr(args, name, default)
     if args.num_workers is None:
         args.num_workers = min(args.released_num_workers, cores_per_process())
     elif args.num_workers < 0:
@@ -305,9 +340,10 @@ def build_dataset(args: argparse.Namespace) -> torch.utils.data.Dataset:
     datasets = data_module(args.dataset)
     if args.augmentation == "init":
         return datasets.TrainDatasetInit(args.data_root, args.train_list, args.cls_labels, args.crop_size,
-                                         apply_random_resize=args.random_resize)
+                                         apply_random_resize=args.random_resize, load_gt=args.region_quality)
     if args.augmentation == "scaled":
-        return datasets.TrainDatasetScaled(args.data_root, args.train_list, args.cls_labels, args.crop_size)
+        return datasets.TrainDatasetScaled(args.data_root, args.train_list, args.cls_labels, args.crop_size,
+                                           load_gt=args.region_quality)
     raise ValueError(f"unknown augmentation {args.augmentation!r}; valid: init, scaled")
 
 
@@ -321,49 +357,14 @@ def compute_max_step(args: argparse.Namespace, num_items: int) -> int:
     return max_step
 
 
-def mine_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, originals: torch.Tensor,
-                       miner: ReliableRegionMiner | None) -> np.ndarray | torch.Tensor:
-    """CAM (B,C,h,w) -> crop size (bilinear, align_corners False), absent classes zeroed and each
-    map normalised, then reliable-region mining on the uint8 crops: (B,H,W) in {0..C,255}.
-
-    One image at a time, and only its present classes normalised into a zero-filled (B,C,H,W) array:
-    normalising leaves the others 0, and on the host their pages are never touched (with COCO's 80
-    classes the full upsampled and normalised stacks were most of mining's memory). The upsampling
-    takes all C channels, as a batch's does: with fewer, the CPU kernel rounds differently.
-    miner None = the torch backend: everything on cam's device (labels: the loader's CPU copy, which
-    lays out the CRF channels on the host), a tensor there; else a numpy array from the CPU miner."""
-    batch, num_classes = cam.shape[:2]
-    height, width = originals.shape[-2:]
-    labels_np = labels.detach().cpu().numpy()
-    shape = (batch, num_classes, height, width)
-    on_device = miner is None
-    norm_cams = torch.zeros(shape, dtype=torch.float32, device=cam.device) if on_device else np.zeros(shape, np.float32)
-    for index in range(batch):
-        present = np.flatnonzero(labels_np[index] > 1e-5)
-        if present.size == 0:
-            continue
-        cam_up = F.interpolate(cam[index:index + 1].detach().float(), size=(height, width), mode="bilinear",
-                               align_corners=False)
-        if on_device:
-            # The channel index goes to the device without waiting (a blocking copy would synchronise).
-            channels = torch.from_numpy(present).to(cam.device, non_blocking=True)
-            normalised = normalise_cams_torch(cam_up.index_select(1, channels), labels_np[index:index + 1, present])
-            norm_cams[index].index_copy_(0, channels, normalised[0])
-        else:
-            norm_cams[index, present] = normalise_cam(cam_up[0].cpu().numpy()[present], labels_np[index, present])
-    if on_device:
-        return mine_reliable_regions_torch(originals.to(cam.device, non_blocking=True), labels, norm_cams,
-                                           training_crf_torch)
-    images = np.ascontiguousarray(originals.cpu().numpy().transpose(0, 2, 3, 1), dtype=np.uint8)
-    return miner(images, labels_np, norm_cams)
-
-
 @dataclass
 class StepResult:
     terms: dict[str, float] | dict[str, torch.Tensor]
     classification_only: bool
     timings: dict[str, float] = field(default_factory=dict)
     cpu_timings: dict[str, float] = field(default_factory=dict)
+    # Reliable-region counts by prefix (MINED, CAM) of a joint update whose batch has 'gt'; else empty.
+    quality: dict[str, RegionCounts] = field(default_factory=dict)
 
 
 def scale_dropout(model: torch.nn.Module, factor: float) -> None:
@@ -389,6 +390,7 @@ class Trainer:
         if model.num_classes != info.num_classes:
             raise ValueError(f"the model has {model.num_classes} classes but --dataset {args.dataset} "
                              f"has {info.num_classes}")
+        self.num_labels = info.num_seg_classes
         if args.weights != "none" and not args.resume:
             load_weights(model, args.weights)
         scale_dropout(model, args.dropout_scale)
@@ -425,16 +427,31 @@ class Trainer:
             self.miner.close()
 
     def step(self, batch: Mapping[str, Any], t: int, timed: bool = False) -> StepResult:
-        """`update`, then the logging point: the loss terms as floats, the step's only device-to-host copy."""
+        """`update`, then the logging point: the loss terms as floats and the region counts as numpy
+        integers, in the step's only device-to-host copy."""
         result = self.update(batch, t, timed)
-        result.terms = dict(zip(result.terms, torch.stack(list(result.terms.values())).tolist()))
+        terms = torch.stack(list(result.terms.values()))
+        if not result.quality:
+            result.terms = dict(zip(result.terms, terms.tolist()))
+            return result
+        # Counts < 2^53 are exact in float64, as are the float32 terms.
+        values = torch.cat([terms.double(), *(counts.as_vector().to(terms.device, torch.float64)
+                                              for counts in result.quality.values())]).tolist()
+        result.terms = dict(zip(result.terms, values[:len(result.terms)]))
+        size = 3 + 2 * self.num_labels
+        offsets = range(len(result.terms), len(values), size)
+        result.quality = {prefix: RegionCounts.from_vector(values[offset:offset + size], self.num_labels)
+                          for prefix, offset in zip(result.quality, offsets)}
         return result
 
     def update(self, batch: Mapping[str, Any], t: int, timed: bool = False) -> StepResult:
         """Update t (t updates already made): set the lr, forward, mine, losses, backward, step.
-        The terms stay 0-d tensors on the device (with the torch CRF backend nothing here waits on it)."""
+        The terms stay 0-d tensors on the device (with the torch CRF backend nothing here waits on it).
+        A joint update of a batch with ground truth ('gt', from the data set's load_gt) also counts
+        the quality of the mined and of the CAM labels, on the device too."""
         device = self.runtime.device
         clock = _StageClock(timed, device)
+        quality: dict[str, RegionCounts] = {}
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         self.schedule.apply(self.optimizer, t)
@@ -452,8 +469,14 @@ class Trainer:
             logits, cam, seg = outputs[0], outputs[1], outputs[2]
             seg = seg[0] if isinstance(seg, (list, tuple)) else seg
             seg_feature = outputs[3].float() if len(outputs) == 4 else None
-            pseudo_label = mine_pseudo_labels(cam, batch["label"], batch["original"], self.miner)
+            norm_cams = crop_norm_cams(cam, batch["label"], batch["original"].shape[-2:], self.miner is None)
+            pseudo_label = mine_norm_cams(norm_cams, batch["label"], batch["original"], self.miner)
             clock.lap("mining")
+            if "gt" in batch:
+                cam_label = cam_label_maps(norm_cams, batch["label"])
+                quality = {prefix: count_region_quality(label_map, batch["gt"], self.num_labels)
+                           for prefix, label_map in ((MINED, pseudo_label), (CAM, cam_label))}
+                clock.lap("quality")
             # Losses in float32 (dense energy and CE need it); autocast is off out here.
             loss, terms = joint_loss(logits.float(), labels, seg.float(), pseudo_label,
                                      batch["original"], batch["roi"], self.dense_energy, seg_feature)
@@ -470,7 +493,7 @@ class Trainer:
         else:
             self.optimizer.step()
         clock.lap("step")
-        return StepResult(terms, cls_only, clock.timings, clock.cpu_timings)
+        return StepResult(terms, cls_only, clock.timings, clock.cpu_timings, quality)
 
 
 class _StageClock:
@@ -496,7 +519,9 @@ class _StageClock:
 
 
 class RunLog:
-    """Rank 0's outputs: tqdm bar, the released log line (also into <session>.log), JSON-lines metrics."""
+    """Rank 0's outputs: tqdm bar, the released log line (also into <session>.log), JSON-lines metrics;
+    with --tensorboard the event files; with --region_quality each update's figures (in its metrics
+    record and as scalars) and their totals over the run in <session>region_quality.json."""
 
     def __init__(self, args: argparse.Namespace, max_step: int, total_steps: int, start_step: int,
                  enabled: bool) -> None:
@@ -505,10 +530,21 @@ class RunLog:
         self.max_step = max_step
         self.total_steps = total_steps
         self.losses: list[float] = []
-        self.start_time = time.time()
+        self.start_time = self.last_update_time = time.time()
         self.start_step = start_step
+        self.label_names = resolve_dataset(args.dataset).seg_class_names
+        self.quality_totals: dict[str, RegionCounts] = {}
+        self.quality_first_step = start_step
+        self.monitor: RunMonitor | None = None
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not enabled or args.no_progress,
                         dynamic_ncols=True)
+        if enabled and args.tensorboard:
+            # purge_step: TensorBoard hides what an earlier run of the session logged from here on
+            # (the updates an interrupted run made after its checkpoint; all of a run started afresh).
+            self.monitor = RunMonitor(os.path.join(args.save_dir, "tensorboard", args.session_name),
+                                      purge_step=start_step)
+        if enabled and args.region_quality and args.resume:
+            self._continue_quality_totals(start_step)
         if enabled:
             os.makedirs(args.save_dir, exist_ok=True)
             text_path = os.path.join(args.save_dir, f"{args.session_name}.log")
@@ -557,16 +593,38 @@ class RunLog:
             self.text.write(text + "\n")
             self.text.flush()
 
+    def _continue_quality_totals(self, start_step: int) -> None:
+        """Continue the totals of the interrupted run if its summary was written at the checkpoint
+        resumed from (else they start again at start_step, and the summary says so)."""
+        try:
+            with open(session_path(self.args, "region_quality.json"), encoding="utf-8") as handle:
+                summary = json.load(handle)
+            if summary["steps_done"] == start_step:
+                self.quality_totals = summary_counts(summary, len(self.label_names))
+                self.quality_first_step = int(summary["first_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # no usable summary: a partial one is better than a failed run
+
     def after_update(self, t: int, result: StepResult, lrs: Sequence[float]) -> None:
         if not self.enabled:
             return
+        now = time.time()
         self.losses.append(result.terms["total"])
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{result.terms['total']:.4f}", lr=f"{lrs[0]:.2e}")
+        figures: dict[str, float | None] = {}
+        for prefix, counts in result.quality.items():
+            figures.update(region_figures(counts, prefix))
+            total = self.quality_totals.get(prefix)
+            self.quality_totals[prefix] = counts if total is None else total + counts
         record = {"step": t, "lr": list(lrs), "classification_only": result.classification_only,
-                  "time": time.time(), **result.terms}
+                  "time": now, **result.terms, **figures}
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
+        if self.monitor is not None:
+            images_per_second = self.args.batch_size / max(now - self.last_update_time, 1e-9)
+            self.monitor.log_scalars(t, training_scalars(result.terms, lrs, images_per_second, figures))
+        self.last_update_time = now
         if t % self.args.log_every == 0:
             elapsed = max(time.time() - self.start_time, 1e-9)
             done = t + 1 - self.start_step
@@ -575,11 +633,66 @@ class RunLog:
                       f"imps:{done * self.args.batch_size / elapsed:.1f} Fin:{time.ctime(finish)} lr: {lrs[0]:.4f}")
             self.losses = []
 
+    def log_panels(self, t: int, panels: Sequence[tuple[str, np.ndarray]]) -> None:
+        if self.monitor is not None:
+            self.monitor.log_panels(t, panels)
+
+    def save_quality_totals(self, steps_done: int) -> None:
+        """<session>region_quality.json: the figures and per-class precision of the updates from
+        quality_first_step to steps_done (written beside each resume checkpoint, so a resumed run
+        continues them)."""
+        if not self.enabled or not self.quality_totals:
+            return
+        summary = {"first_step": self.quality_first_step, "steps_done": steps_done,
+                   **quality_summary(self.quality_totals, self.label_names)}
+        atomic_write_text(json.dumps(summary, indent=1) + "\n", session_path(self.args, "region_quality.json"))
+
+    def report_quality(self, steps_done: int) -> None:
+        """The run's reliable-region figures in one log line (none without any)."""
+        if not self.quality_totals:
+            return
+        figures = {key: value for prefix, counts in self.quality_totals.items()
+                   for key, value in region_figures(counts, prefix).items()}
+
+        def percent(key: str) -> str:
+            return "n/a" if figures.get(key) is None else f"{100 * figures[key]:.1f}%"
+        self.line(f"reliable regions vs ground truth, updates {self.quality_first_step}-{steps_done - 1}: "
+                  f"precision {percent(MINED + 'precision')} (CAM labels {percent(CAM + 'precision')}), "
+                  f"coverage {percent(MINED + 'coverage')}; per class: "
+                  f"{session_path(self.args, 'region_quality.json')}")
+
     def close(self) -> None:
         self.bar.close()
+        if self.monitor is not None:
+            self.monitor.close()
         if self.enabled:
             self.text.close()
             self.metrics.close()
+
+
+def _sum_quality(quality: dict[str, RegionCounts], runtime: Runtime) -> dict[str, RegionCounts]:
+    """Each rank's region counts summed over DDP ranks (for the log only)."""
+    if not runtime.distributed or not quality:
+        return quality
+    vectors = [counts.as_vector() for counts in quality.values()]
+    summed = torch.cat(vectors).to(runtime.device if runtime.device.type == "cuda" else "cpu")
+    dist.all_reduce(summed)
+    parts = summed.cpu().split([vector.numel() for vector in vectors])
+    return {prefix: RegionCounts.from_vector(part.numpy(), counts.num_labels)
+            for (prefix, counts), part in zip(quality.items(), parts)}
+
+
+def _ground_truth_note(dataset: torch.utils.data.Dataset, list_path: str) -> str | None:
+    """The line that says which training ids --region_quality cannot score (None: all have a mask)."""
+    missing = sum(path is None for path in dataset.mask_paths)
+    if not missing:
+        return None
+    folders = " or ".join(dataset.info.mask_folders)
+    if missing == len(dataset.mask_paths):
+        return (f"--region_quality: none of the {missing} ids of {list_path} has a ground-truth mask ({folders} "
+                f"under {dataset.root}): no precision or coverage is logged")
+    return (f"--region_quality: {missing} of the {len(dataset.mask_paths)} ids of {list_path} have no ground-truth "
+            f"mask ({folders} under {dataset.root}): their pixels are not counted")
 
 
 def _reduce_terms(terms: dict[str, float], runtime: Runtime) -> dict[str, float]:
@@ -687,6 +800,16 @@ def run_training(args: argparse.Namespace, *, model_factory: ModelFactory | None
                             generator=torch.Generator().manual_seed(args.seed))
         log = RunLog(args, max_step, total_steps, start_step, runtime.is_main)
         resources.callback(log.close)
+        note = _ground_truth_note(dataset, args.train_list) if args.region_quality else None
+        if note is not None:
+            log.line(note)
+        panel_set = (fixed_batch(dataset, range(min(args.vis_images, len(dataset))))
+                     if log.monitor is not None else None)
+
+        def save_resume(steps_done: int) -> str:
+            log.save_quality_totals(steps_done)
+            return _save_resume(trainer, args, runtime, steps_done, max_step)
+
         inputs_checked()  # from here on an error is the run's own: run_cli keeps its traceback
         terms: dict[str, float] = {}
         steps_done = start_step
@@ -694,18 +817,24 @@ def run_training(args: argparse.Namespace, *, model_factory: ModelFactory | None
             result = trainer.step(batch, t)
             steps_done = t + 1
             result.terms = terms = _reduce_terms(result.terms, runtime)
+            result.quality = _sum_quality(result.quality, runtime)
             log.after_update(t, result, [g["lr"] for g in trainer.optimizer.param_groups])
+            if panel_set is not None and t % args.vis_every == 0:
+                # The network itself, not its DDP wrapper: only rank 0 runs this forward.
+                log.log_panels(t, training_panels(unwrap_model(trainer.model), panel_set, trainer.miner,
+                                                  result.classification_only))
             if runtime.is_main and t % WEIGHTS_EVERY == 0 and steps_done > WEIGHTS_AFTER:
                 save_model_weights(trainer.model, session_path(args, f"{t}.pth"))
             if steps_done % args.save_every == 0 and steps_done < stop_step:
-                _save_resume(trainer, args, runtime, steps_done, max_step)
-        resume_path = _save_resume(trainer, args, runtime, steps_done, max_step)
+                save_resume(steps_done)
+        resume_path = save_resume(steps_done)
         final_path = None
         if steps_done == total_steps:
             final_path = session_path(args, "final.pth")
             if runtime.is_main:
                 save_model_weights(trainer.model, final_path)
                 log.line(f"finished {steps_done} updates; weights: {final_path}")
+        log.report_quality(steps_done)
     if runtime.distributed:
         dist.barrier()
     return TrainingResult(steps_done, max_step, final_path, resume_path, terms)

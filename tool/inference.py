@@ -23,7 +23,7 @@ import network
 from tool.crf_pool import CrfPool
 from tool.device import autocast_context
 from tool.metrics import segmentation_confusion_matrix
-from tool.mining import BG_POWER_CAM, normalise_cam
+from tool.mining import cam_label_maps, normalise_cam
 from tool.weights import load_weights
 from voc12.lists import NUM_CLASSES as VOC_NUM_CLASSES
 from voc12.lists import DatasetInfo, write_palette_mask, write_plain_mask
@@ -119,9 +119,10 @@ def multiscale_norm_cam(model: nn.Module, image: torch.Tensor, label: np.ndarray
 
 
 def cam_label_map(norm_cam: np.ndarray) -> np.ndarray:
-    """CAM pseudo label (SPEC §5 step 1): argmax of [(1 - max_c norm_cam)^32; norm_cam] as uint8 (H,W)."""
-    background = np.power(1 - norm_cam.max(axis=0, keepdims=True), BG_POWER_CAM)
-    return np.argmax(np.concatenate((background, norm_cam)), axis=0).astype(np.uint8)
+    """CAM pseudo label (SPEC §5 step 1): argmax of [(1 - max_c norm_cam)^32; norm_cam] as uint8 (H,W)
+    (`cam_label_maps` of one image, every channel read)."""
+    every_class = np.ones((1, norm_cam.shape[0]), np.float32)
+    return cam_label_maps(np.ascontiguousarray(norm_cam)[None], every_class)[0].numpy().astype(np.uint8)
 
 
 def check_class_count(model: nn.Module, info: DatasetInfo) -> None:

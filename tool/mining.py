@@ -5,10 +5,11 @@ it, and only the present classes reach the CRFs."""
 import multiprocessing
 import os
 from contextlib import contextmanager
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from tool.crf import TRAINING_CRF_PARAMS, dense_crf_same_image, resolve_crf_backend
 from tool.crf_torch import training_crf_torch
@@ -372,6 +373,70 @@ def _class_thresholds_torch(channel: torch.Tensor, cam_value: torch.Tensor, in_l
     return torch.cat((bg[:, None], thresholds[:, 1:]), dim=1)
 
 
+class _CamMap(NamedTuple):
+    """The CAM pseudo label of a batch on the padded [bg; present...] channels (`_channel_layout`)."""
+    valid: torch.Tensor          # (B,K) bool: a real channel (False = padding)
+    channel_label: torch.Tensor  # (B,K) int64: the label of each channel (0 = bg, class + 1, -1 padding)
+    empty: torch.Tensor          # (B,1,1) bool: the image has no present class
+    present_cams: torch.Tensor   # (B,K-1,H,W): the present classes' maps (padding: channel 0's map)
+    present_max: torch.Tensor    # (B,H,W): their maximum (0 for an empty image)
+    cam_value: torch.Tensor      # (B,H,W): the winning score of [(1 - max)^32; present cams]
+    cam_channel: torch.Tensor    # (B,H,W) int64: its channel (first maximum)
+
+
+def _cam_map(norm_cams: torch.Tensor, present: np.ndarray, power: PowerMode) -> _CamMap | None:
+    """argmax of [(1 - max)^32; present cams] per pixel (SPEC §5 step 1), the bg using the max over all
+    C channels, absent ones being 0 (so it equals the full-channel map); None when no image of the
+    batch has a present class. No host-device synchronisation."""
+    batch, _, height, width = norm_cams.shape
+    device = norm_cams.device
+    table_host, channels = _channel_layout(present)
+    if channels == 1:
+        return None
+    table = torch.from_numpy(table_host).to(device, non_blocking=True)
+    gather_index, channel_label = table[:, 0], table[:, 1]
+    valid = channel_label >= 0
+    num_present = valid.sum(dim=1) - 1
+    empty = (num_present == 0)[:, None, None]
+    has_absent = (num_present < present.shape[1])[:, None, None]
+
+    index = gather_index[:, 1:, None, None].expand(batch, channels - 1, height, width)
+    present_cams = norm_cams.gather(1, index)
+    valid_cls = valid[:, 1:, None, None]
+    zero = torch.zeros((), dtype=norm_cams.dtype, device=device)
+    minus_inf = torch.full((), float("-inf"), dtype=norm_cams.dtype, device=device)
+    present_max = torch.where(valid_cls, present_cams, minus_inf).amax(dim=1)
+    present_max = torch.where(empty, zero, present_max)           # no class: probs [1], ignored
+    all_max = torch.where(has_absent, torch.maximum(present_max, zero), present_max)
+    cam_all = torch.cat((_power(1 - all_max, BG_POWER_CAM, power)[:, None],
+                         torch.where(valid_cls, present_cams, minus_inf)), dim=1)
+    cam_value, cam_channel = _first_argmax(cam_all)
+    return _CamMap(valid, channel_label, empty, present_cams, present_max, cam_value, cam_channel)
+
+
+def cam_label_maps(norm_cams: torch.Tensor | np.ndarray, labels: "torch.Tensor | np.ndarray", *,
+                   power: PowerMode = "auto") -> torch.Tensor:
+    """The CAM pseudo label before the CRFs (SPEC §5 step 1) of each image: argmax of
+    [(1 - max_c norm_cam_c)^32; norm_cam_1..C] as (B,H,W) int64 in 0..C, on norm_cams' device (a
+    numpy batch is read in place, on the CPU). norm_cams (B,C,H,W) with the absent classes 0, as
+    `crop_norm_cams` leaves them; labels (B,C) on the host say which are present, and only those
+    channels are read. No host-device synchronisation."""
+    if isinstance(norm_cams, np.ndarray):
+        norm_cams = torch.from_numpy(norm_cams)
+    if not isinstance(norm_cams, torch.Tensor) or norm_cams.ndim != 4 or not norm_cams.is_floating_point():
+        raise ValueError(f"cam_label_maps: norm_cams must be a float (B, C, H, W) array, got "
+                         f"{type(norm_cams).__name__} {tuple(getattr(norm_cams, 'shape', ()))}")
+    present = _present_classes_host(labels, "cam_label_maps")
+    if present.shape != norm_cams.shape[:2]:
+        raise ValueError(f"cam_label_maps: labels must be {tuple(norm_cams.shape[:2])} to match norm_cams, "
+                         f"got {present.shape}")
+    batch, _, height, width = norm_cams.shape
+    cam_map = _cam_map(norm_cams, present, power)
+    if cam_map is None:  # no class anywhere: bg (1 - 0)^32 = 1 wins every pixel
+        return torch.zeros((batch, height, width), dtype=torch.int64, device=norm_cams.device)
+    return cam_map.channel_label.gather(1, cam_map.cam_channel.flatten(1)).view(batch, height, width)
+
+
 @torch.no_grad()
 def mine_reliable_regions_torch(images: torch.Tensor, labels: "torch.Tensor | np.ndarray",
                                 norm_cams: torch.Tensor, crf: BatchCRF, *,
@@ -399,29 +464,13 @@ def mine_reliable_regions_torch(images: torch.Tensor, labels: "torch.Tensor | np
         raise ValueError(f"{name}: labels must be ({batch}, {norm_cams.shape[1]}) to match images and "
                          f"norm_cams, got {present.shape}")
     device = images.device
-    table_host, channels = _channel_layout(present)
-    if channels == 1:  # no image has a present class: all sure background, no CRF
+    cam_map = _cam_map(norm_cams, present, power)
+    if cam_map is None:  # no image has a present class: all sure background, no CRF
         return torch.zeros((batch, height, width), dtype=torch.int64, device=device)
-    table = torch.from_numpy(table_host).to(device, non_blocking=True)
-    gather_index, channel_label = table[:, 0], table[:, 1]
-    valid = channel_label >= 0                                    # (B,K) the CRF's label_mask
-    num_present = valid.sum(dim=1) - 1
-    empty = (num_present == 0)[:, None, None]
-    has_absent = (num_present < present.shape[1])[:, None, None]
-
-    index = gather_index[:, 1:, None, None].expand(batch, channels - 1, height, width)
-    present_cams = norm_cams.gather(1, index)                     # (B,K-1,H,W)
+    valid, channel_label, empty, present_cams, present_max, cam_value, cam_channel = cam_map
+    channels = valid.shape[1]
     valid_cls = valid[:, 1:, None, None]
     zero = torch.zeros((), dtype=torch.float32, device=device)
-    minus_inf = torch.full((), float("-inf"), dtype=torch.float32, device=device)
-    present_max = torch.where(valid_cls, present_cams, minus_inf).amax(dim=1)
-    present_max = torch.where(empty, zero, present_max)           # no class: probs [1], ignored
-
-    # CAM map: the bg uses the max over all C channels, the absent ones being 0.
-    all_max = torch.where(has_absent, torch.maximum(present_max, zero), present_max)
-    cam_all = torch.cat((_power(1 - all_max, BG_POWER_CAM, power)[:, None],
-                         torch.where(valid_cls, present_cams, minus_inf)), dim=1)
-    cam_value, cam_channel = _first_argmax(cam_all)
 
     class_probs = torch.where(valid_cls, present_cams, zero)
     probs = torch.stack([torch.cat((_power(1 - present_max, alpha, power)[:, None], class_probs), dim=1)
@@ -452,3 +501,58 @@ def mine_reliable_regions_torch(images: torch.Tensor, labels: "torch.Tensor | np
     not_sure = ~cam_sure | (crf_confidence < CRF_SURE)
     pseudo_label = torch.where(not_sure, ignore, pseudo_label)
     return torch.where(empty, torch.zeros_like(pseudo_label), pseudo_label)
+
+
+# ------------------------------------------------------------------------------------------------
+# A training batch: the network's CAM -> crop size -> normalised -> mined (SPEC §9).
+# ------------------------------------------------------------------------------------------------
+
+def crop_norm_cams(cam: torch.Tensor, labels: "torch.Tensor | np.ndarray", size: tuple[int, int],
+                   on_device: bool) -> np.ndarray | torch.Tensor:
+    """CAM (B,C,h,w) -> `size` (bilinear, align_corners False), absent classes zeroed and each map
+    normalised: (B,C,H,W) float32, a tensor on cam's device if `on_device`, else a numpy array.
+
+    One image at a time, and only its present classes normalised into a zero-filled array:
+    normalising leaves the others 0, and on the host their pages are never touched (with COCO's 80
+    classes the full upsampled and normalised stacks were most of mining's memory). The upsampling
+    takes all C channels, as a batch's does: with fewer, the CPU kernel rounds differently."""
+    batch, num_classes = cam.shape[:2]
+    height, width = size
+    labels_np = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    shape = (batch, num_classes, height, width)
+    norm_cams = torch.zeros(shape, dtype=torch.float32, device=cam.device) if on_device else np.zeros(shape, np.float32)
+    for index in range(batch):
+        present = np.flatnonzero(labels_np[index] > 1e-5)
+        if present.size == 0:
+            continue
+        cam_up = F.interpolate(cam[index:index + 1].detach().float(), size=(height, width), mode="bilinear",
+                               align_corners=False)
+        if on_device:
+            # The channel index goes to the device without waiting (a blocking copy would synchronise).
+            channels = torch.from_numpy(present).to(cam.device, non_blocking=True)
+            normalised = normalise_cams_torch(cam_up.index_select(1, channels), labels_np[index:index + 1, present])
+            norm_cams[index].index_copy_(0, channels, normalised[0])
+        else:
+            norm_cams[index, present] = normalise_cam(cam_up[0].cpu().numpy()[present], labels_np[index, present])
+    return norm_cams
+
+
+def mine_norm_cams(norm_cams: np.ndarray | torch.Tensor, labels: torch.Tensor, originals: torch.Tensor,
+                   miner: "ReliableRegionMiner | Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None"
+                   ) -> np.ndarray | torch.Tensor:
+    """Reliable-region mining of a batch on its uint8 crops `originals` (B,3,H,W): (B,H,W) in
+    {0..C,255}. miner None = the torch backend: norm_cams a tensor (`crop_norm_cams(on_device=True)`),
+    everything on its device (labels: the loader's CPU copy, which lays out the CRF channels on the
+    host), a tensor there; else norm_cams a numpy array and a numpy array from the CPU miner."""
+    if miner is None:
+        return mine_reliable_regions_torch(originals.to(norm_cams.device, non_blocking=True), labels, norm_cams,
+                                           training_crf_torch)
+    images = np.ascontiguousarray(originals.cpu().numpy().transpose(0, 2, 3, 1), dtype=np.uint8)
+    return miner(images, labels.detach().cpu().numpy(), norm_cams)
+
+
+def mine_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, originals: torch.Tensor,
+                       miner: "ReliableRegionMiner | Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None"
+                       ) -> np.ndarray | torch.Tensor:
+    """`crop_norm_cams` at the crops' size, then `mine_norm_cams` (miner None: on cam's device)."""
+    return mine_norm_cams(crop_norm_cams(cam, labels, originals.shape[-2:], miner is None), labels, originals, miner)

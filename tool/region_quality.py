@@ -23,6 +23,7 @@ counts stay on the tensors' device, so counting never waits for it; reading the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +59,22 @@ class RegionCounts:
         return RegionCounts(self.valid + other.valid, self.kept + other.kept, self.correct + other.correct,
                             self.kept_per_class + other.kept_per_class,
                             self.correct_per_class + other.correct_per_class)
+
+    def as_vector(self) -> torch.Tensor:
+        """[valid, kept, correct, kept per class..., correct per class...] as one (3 + 2C,) int64
+        tensor on the counts' device, so that one copy reads them all (`from_vector` inverts it)."""
+        parts = [torch.as_tensor(part).reshape(-1) for part in
+                 (self.valid, self.kept, self.correct, self.kept_per_class, self.correct_per_class)]
+        return torch.cat(parts).to(torch.int64)
+
+    @staticmethod
+    def from_vector(values: Sequence[int] | np.ndarray, num_labels: int) -> "RegionCounts":
+        """The numpy counts of an `as_vector` read back (e.g. `.tolist()`), for `num_labels` labels."""
+        values = np.asarray(values, dtype=np.int64)
+        if values.shape != (3 + 2 * num_labels,):
+            raise ValueError(f"RegionCounts.from_vector: expected {3 + 2 * num_labels} values for {num_labels} "
+                             f"labels, got shape {values.shape}")
+        return RegionCounts(values[0], values[1], values[2], values[3:3 + num_labels], values[3 + num_labels:])
 
 
 def _as_integer_tensor(values: Array, name: str, device: torch.device | None) -> torch.Tensor:
@@ -170,3 +187,26 @@ def per_class_precision(counts: RegionCounts) -> dict[int, float]:
     kept = np.asarray(counts.kept_per_class.tolist(), dtype=np.int64)
     correct = np.asarray(counts.correct_per_class.tolist(), dtype=np.int64)
     return {int(label): int(correct[label]) / int(kept[label]) for label in np.flatnonzero(kept)}
+
+
+def quality_summary(counts: Mapping[str, RegionCounts], label_names: Sequence[str]) -> dict:
+    """JSON-ready summary of accumulated counts by prefix ('' = mined labels, 'cam_' = CAM labels):
+    the figures of each, `<prefix>per_class_precision` {label name: precision}, and the raw
+    `counts` {prefix: `as_vector` list} from which `summary_counts` restores them."""
+    summary: dict = {}
+    for prefix, total in counts.items():
+        if total.num_labels != len(label_names):
+            raise ValueError(f"quality_summary: {len(label_names)} label names for counts of {total.num_labels} labels")
+        summary.update(region_figures(total, prefix))
+        summary[f"{prefix}per_class_precision"] = {label_names[label]: value
+                                                   for label, value in per_class_precision(total).items()}
+    summary["counts"] = {prefix: total.as_vector().tolist() for prefix, total in counts.items()}
+    return summary
+
+
+def summary_counts(summary: Mapping, num_labels: int) -> dict[str, RegionCounts]:
+    """The counts a `quality_summary` holds (ValueError when they are not counts of `num_labels` labels)."""
+    stored = summary.get("counts")
+    if not isinstance(stored, dict):
+        raise ValueError("quality summary without 'counts'")
+    return {prefix: RegionCounts.from_vector(values, num_labels) for prefix, values in stored.items()}

@@ -2,7 +2,7 @@
 
     with RunMonitor(os.path.join(args.save_dir, "tensorboard", args.session_name)) as monitor:
         monitor.log_scalars(t, training_scalars(terms, lrs, images_per_second, quality))
-        monitor.log_panels(t, [(image_id, training_panel(image, norm_cam, reliable, prediction))])
+        monitor.log_panels(t, training_panels(model, batch, miner))   # tool.visualize
 
     tensorboard --logdir runs/tensorboard
 """
@@ -11,14 +11,11 @@ from __future__ import annotations
 import numbers
 import os
 from types import TracebackType
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from tool.visualize import cam_heatmap, colorize, render_panel
-
-TRAINING_PANEL_TITLES: tuple[str, ...] = ("input", "CAM", "reliable labels", "prediction")
 Scalar = float | int | np.number | torch.Tensor
 
 
@@ -34,36 +31,6 @@ def training_scalars(terms: Mapping[str, Scalar], lrs: Sequence[float], images_p
         scalars["speed/images_per_second"] = images_per_second
     scalars.update({f"regions/{name}": value for name, value in (quality or {}).items()})
     return scalars
-
-
-def training_panel(image: np.ndarray, norm_cam: np.ndarray | None, reliable: np.ndarray | None,
-                   prediction: np.ndarray | None,
-                   colorize_labels: Callable[[np.ndarray], np.ndarray] = colorize) -> np.ndarray:
-    """input | CAM | reliable labels | prediction of one training crop, with titles (tool.visualize's
-    `render_panel` layout: (TITLE_HEIGHT + H, 4·W + 3·GAP, 3) uint8).
-
-    image (H,W,3) uint8; norm_cam (C,H,W) normalised CAM in 0..1 with the absent classes zeroed, drawn
-    as a JET heat map of the per-pixel maximum (= the maximum over the present classes) over the image;
-    reliable (H,W) mined labels with 255 = unreliable; prediction (H,W) segmentation labels.
-    `colorize_labels` turns a label map into RGB (default: VOC palette, 255 white); pass one with the
-    data set's palette for another class count (COCO's 81). A None tile is drawn grey "n/a" (e.g.
-    phase 1 of train_from_init, which has no reliable labels or segmentation yet).
-    """
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"training_panel: image must be (H,W,3) uint8, got {image.dtype} {image.shape}")
-    size = image.shape[:2]
-    for name, labels in (("reliable", reliable), ("prediction", prediction)):
-        if labels is not None and np.shape(labels) != size:
-            raise ValueError(f"training_panel: {name} must be (H,W) = {size} like image, got {np.shape(labels)}")
-    if norm_cam is not None and (np.ndim(norm_cam) != 3 or np.shape(norm_cam)[1:] != size):
-        raise ValueError(f"training_panel: norm_cam must be (C,{size[0]},{size[1]}) like image, "
-                         f"got {np.shape(norm_cam)}")
-    tiles = [image,
-             None if norm_cam is None else cam_heatmap(image, norm_cam),
-             None if reliable is None else colorize_labels(np.asarray(reliable)),
-             None if prediction is None else colorize_labels(np.asarray(prediction))]
-    return render_panel(tiles, TRAINING_PANEL_TITLES)
 
 
 class RunMonitor:

@@ -9,7 +9,7 @@ the run, so one seed reproduces every augmentation whatever the DataLoader worke
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -44,8 +44,10 @@ def denormalise_to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip((image * _STD + _MEAN) * 255.0, 0, 255).astype(np.uint8)
 
 
-def random_crop_box(height: int, width: int, crop_size: int, rng: np.random.Generator) -> tuple[slice, slice, slice, slice]:
-    """Released random crop: a random window of a large side, a random offset in the canvas of a small one.
+def crop_box(height: int, width: int, crop_size: int,
+             offset: Callable[[int], int]) -> tuple[slice, slice, slice, slice]:
+    """The released crop: a window of a large side, an offset in the canvas of a small one, each
+    chosen by `offset(space)` in 0..space (rows first, then columns).
 
     Returns (canvas rows, canvas cols, image rows, image cols) slices of equal extent.
     """
@@ -53,9 +55,9 @@ def random_crop_box(height: int, width: int, crop_size: int, rng: np.random.Gene
         extent = min(crop_size, length)
         space = length - crop_size
         if space > 0:
-            canvas_start, image_start = 0, int(rng.integers(space + 1))
+            canvas_start, image_start = 0, offset(space)
         else:
-            canvas_start, image_start = int(rng.integers(-space + 1)), 0
+            canvas_start, image_start = offset(-space), 0
         return slice(canvas_start, canvas_start + extent), slice(image_start, image_start + extent)
 
     canvas_rows, image_rows = axis(height)
@@ -63,11 +65,22 @@ def random_crop_box(height: int, width: int, crop_size: int, rng: np.random.Gene
     return canvas_rows, canvas_cols, image_rows, image_cols
 
 
+def random_crop_box(height: int, width: int, crop_size: int,
+                    rng: np.random.Generator) -> tuple[slice, slice, slice, slice]:
+    """Released random crop (`crop_box` with uniform offsets)."""
+    return crop_box(height, width, crop_size, lambda space: int(rng.integers(space + 1)))
+
+
+def centre_crop_box(height: int, width: int, crop_size: int) -> tuple[slice, slice, slice, slice]:
+    """The centred `crop_box` (the fixed crops of the training panels)."""
+    return crop_box(height, width, crop_size, lambda space: space // 2)
+
+
 def place_in_canvas(image: np.ndarray, box: tuple[slice, slice, slice, slice], crop_size: int,
-                    dtype: type) -> np.ndarray:
-    """Copy the crop window of an (H,W,C) image into a zero (crop,crop,C) canvas."""
+                    dtype: type, fill: int = 0) -> np.ndarray:
+    """Copy the crop window of an (H,W,C) or (H,W) image into a (crop,crop[,C]) canvas of `fill`."""
     canvas_rows, canvas_cols, image_rows, image_cols = box
-    canvas = np.zeros((crop_size, crop_size, image.shape[2]), dtype)
+    canvas = np.full((crop_size, crop_size) + image.shape[2:], fill, dtype)
     canvas[canvas_rows, canvas_cols] = image[image_rows, image_cols]
     return canvas
 
@@ -80,6 +93,14 @@ def roi_of(box: tuple[slice, slice, slice, slice], crop_size: int) -> np.ndarray
 
 def to_chw(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+def read_mask_of_image(path: str, size: tuple[int, int]) -> np.ndarray:
+    """The mask at `path` (H,W) uint8, which must have its image's `size` (H,W)."""
+    mask = read_mask(path)
+    if mask.shape != tuple(size):
+        raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is {size[1]}x{size[0]}")
+    return mask
 
 
 class _ImageList(Dataset):
@@ -167,10 +188,17 @@ class _DecodeCheck(Dataset):
 
 
 class _LabelledImageList(_ImageList):
-    """An image list whose every id must have a class-label vector (of the data set's class count)."""
+    """An image list whose every id must have a class-label vector (of the data set's class count).
+
+    `load_gt=True` adds 'gt' to every item: the id's ground-truth mask (`DatasetInfo.mask_path`:
+    VOC's SegmentationClass, then SegmentationClassAug; COCO's prepared masks) through the image's
+    own flip, resize and crop, nearest-neighbour, the padding 255 (void); an id without a mask gets
+    all 255. The augmentation draws the same random numbers with or without it. `mask_paths` says
+    which ids have one (None without load_gt); when none has, items carry no 'gt'.
+    """
 
     def __init__(self, root: PathLike, list_path: PathLike | None, cls_labels_path: PathLike | None,
-                 crop_size: int, seed: int | None) -> None:
+                 crop_size: int, seed: int | None, load_gt: bool = False) -> None:
         super().__init__(root, list_path, self.info.train_split, seed)
         if crop_size < 1:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
@@ -179,6 +207,23 @@ class _LabelledImageList(_ImageList):
                                 else self.info.cls_labels_path(root))
         self.labels = labels_for_ids(load_cls_labels(self.cls_labels_path, self.info.num_classes), self.ids,
                                      self.cls_labels_path)
+        self.mask_paths = [self.info.mask_path(self.root, image_id) for image_id in self.ids] if load_gt else None
+        self.gives_gt = self.mask_paths is not None and any(self.mask_paths)
+
+    def _read_gt(self, index: int, size: tuple[int, int]) -> np.ndarray | None:
+        """The mask of item `index` whose image is `size` (H,W) (all 255 if it has none), or None
+        when items carry no 'gt'. Labels must be 0..C or 255 (void)."""
+        if not self.gives_gt:
+            return None
+        path = self.mask_paths[index]
+        if path is None:
+            return np.full(size, IGNORE_LABEL, np.uint8)
+        mask = read_mask_of_image(path, size)
+        bad = (mask > self.info.num_classes) & (mask != IGNORE_LABEL)
+        if bad.any():
+            raise ValueError(f"mask {path} has labels {np.unique(mask[bad])[:5].tolist()} outside "
+                             f"0..{self.info.num_classes} and {IGNORE_LABEL} ({self.info.title})")
+        return mask
 
 
 class TrainDatasetInit(_LabelledImageList):
@@ -186,28 +231,27 @@ class TrainDatasetInit(_LabelledImageList):
     normalise, random crop; 'original' is the jittered crop with black padding.
 
     The released random resize of the long side to 256..512 is drawn but not applied; pass
-    `apply_random_resize=True` to apply it (bicubic, long side uniform in `resize_long`).
+    `apply_random_resize=True` to apply it (bicubic, long side uniform in `resize_long`; the mask
+    of `load_gt` nearest). `fixed_item` is the un-augmented centre crop.
     """
 
     def __init__(self, root: PathLike, list_path: PathLike | None = None,
                  cls_labels_path: PathLike | None = None, crop_size: int = 448, *,
                  apply_random_resize: bool = False, resize_long: tuple[int, int] = (256, 512),
-                 seed: int | None = None) -> None:
-        super().__init__(root, list_path, cls_labels_path, crop_size, seed)
+                 seed: int | None = None, load_gt: bool = False) -> None:
+        super().__init__(root, list_path, cls_labels_path, crop_size, seed, load_gt)
         if not 0 < resize_long[0] <= resize_long[1]:
             raise ValueError(f"resize_long must be (min, max) with 0 < min <= max, got {resize_long}")
         self.apply_random_resize = apply_random_resize
         self.resize_long = resize_long
         self.color_jitter = ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1)
 
-    def _resize_long(self, image: Image.Image) -> Image.Image:
+    def _long_side_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) with the long side drawn uniformly in resize_long."""
         target_long = int(self.rng.integers(self.resize_long[0], self.resize_long[1] + 1))
-        width, height = image.size
         if width < height:
-            size = (int(round(width * target_long / height)), target_long)
-        else:
-            size = (target_long, int(round(height * target_long / width)))
-        return image.resize(size, resample=Image.BICUBIC)
+            return int(round(width * target_long / height)), target_long
+        return target_long, int(round(height * target_long / width))
 
     def _jitter(self, image: Image.Image) -> Image.Image:
         # ColorJitter draws from torch's global RNG; fork it so our generator alone decides.
@@ -216,35 +260,53 @@ class TrainDatasetInit(_LabelledImageList):
             return self.color_jitter(image)
 
     def __getitem__(self, index: int) -> dict:
+        return self._item(index, augment=True)
+
+    def fixed_item(self, index: int) -> dict:
+        """Item `index` without augmentation: no resize, flip or jitter, the centred crop."""
+        return self._item(index, augment=False)
+
+    def _item(self, index: int, augment: bool) -> dict:
         image_id, image = self._read(index)
-        if self.apply_random_resize:
-            image = self._resize_long(image)
-        if self.rng.random() < 0.5:
+        gt = self._read_gt(index, (image.height, image.width))
+        mask = None if gt is None else Image.fromarray(gt)
+        if augment and self.apply_random_resize:
+            size = self._long_side_size(*image.size)
+            image = image.resize(size, resample=Image.BICUBIC)
+            mask = None if mask is None else mask.resize(size, resample=Image.NEAREST)
+        if augment and self.rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        original = np.asarray(self._jitter(image))
-        box = random_crop_box(original.shape[0], original.shape[1], self.crop_size, self.rng)
-        return {
+            mask = None if mask is None else mask.transpose(Image.FLIP_LEFT_RIGHT)
+        original = np.asarray(self._jitter(image) if augment else image)
+        box = (random_crop_box(original.shape[0], original.shape[1], self.crop_size, self.rng) if augment
+               else centre_crop_box(original.shape[0], original.shape[1], self.crop_size))
+        item = {
             "id": image_id,
             "image": to_chw(place_in_canvas(normalise(original), box, self.crop_size, np.float32)),
             "original": to_chw(place_in_canvas(original, box, self.crop_size, np.uint8)),
             "roi": roi_of(box, self.crop_size),
             "label": self.labels[index].copy(),
         }
+        if mask is not None:
+            item["gt"] = place_in_canvas(np.asarray(mask), box, self.crop_size, np.uint8, fill=IGNORE_LABEL)
+        return item
 
 
 class TrainDatasetScaled(_LabelledImageList):
     """train_from_cls_weight augmentation (SPEC §9): OpenCV bilinear resize of the float image by the
     batch's scale to (int(w*s), int(h*s)), hflip 0.5, normalise, random crop; 'original' is the crop
-    de-normalised to uint8, so its padding is the mean colour.
+    de-normalised to uint8, so its padding is the mean colour (the mask of `load_gt`: nearest resize).
 
     Items are fetched with `(index, scale)` pairs (tool.train_batches.StepBatchSampler shares one
-    scale per batch); a plain index draws a scale of its own from `scale_range`.
+    scale per batch); a plain index draws a scale of its own from `scale_range`. `fixed_item` is the
+    un-augmented centre crop.
     """
 
     def __init__(self, root: PathLike, list_path: PathLike | None = None,
                  cls_labels_path: PathLike | None = None, crop_size: int = 321, *,
-                 scale_range: tuple[float, float] = SCALE_RANGE, seed: int | None = None) -> None:
-        super().__init__(root, list_path, cls_labels_path, crop_size, seed)
+                 scale_range: tuple[float, float] = SCALE_RANGE, seed: int | None = None,
+                 load_gt: bool = False) -> None:
+        super().__init__(root, list_path, cls_labels_path, crop_size, seed, load_gt)
         self.scale_range = _check_scale_range(scale_range)
 
     def __getitem__(self, item: int | tuple[int, float]) -> dict:
@@ -252,22 +314,37 @@ class TrainDatasetScaled(_LabelledImageList):
             index, scale = item
         else:
             index, scale = item, float(self.rng.uniform(*self.scale_range))
+        return self._item(index, scale, augment=True)
+
+    def fixed_item(self, index: int) -> dict:
+        """Item `index` without augmentation: scale 1, no flip, the centred crop."""
+        return self._item(index, 1.0, augment=False)
+
+    def _item(self, index: int, scale: float, augment: bool) -> dict:
         image_id, image = self._read(index)
         image = np.asarray(image, np.float32)
         height, width = image.shape[:2]
+        gt = self._read_gt(index, (height, width))
         size = (max(1, int(width * scale)), max(1, int(height * scale)))
         image = cv2.resize(image, size)
-        if self.rng.random() < 0.5:
+        # INTER_NEAREST samples at floor(x / s), up to a pixel off the bilinear image's half-pixel centres.
+        gt = None if gt is None else cv2.resize(gt, size, interpolation=cv2.INTER_NEAREST_EXACT)
+        if augment and self.rng.random() < 0.5:
             image = image[:, ::-1]
-        box = random_crop_box(image.shape[0], image.shape[1], self.crop_size, self.rng)
+            gt = None if gt is None else gt[:, ::-1]
+        box = (random_crop_box(image.shape[0], image.shape[1], self.crop_size, self.rng) if augment
+               else centre_crop_box(image.shape[0], image.shape[1], self.crop_size))
         crop = place_in_canvas(normalise(image), box, self.crop_size, np.float32)
-        return {
+        item = {
             "id": image_id,
             "image": to_chw(crop),
             "original": to_chw(denormalise_to_uint8(crop)),
             "roi": roi_of(box, self.crop_size),
             "label": self.labels[index].copy(),
         }
+        if gt is not None:
+            item["gt"] = place_in_canvas(gt, box, self.crop_size, np.uint8, fill=IGNORE_LABEL)
+        return item
 
 
 def _check_scale_range(scale_range: Sequence[float]) -> tuple[float, float]:
@@ -333,11 +410,7 @@ class EvalDataset(_ImageList):
         item = {"id": image_id, "image": to_chw(normalise(original)), "original": original}
         mask_path = self._require_mask(image_id) if self.require_gt else self._mask_path(image_id)
         if mask_path is not None:
-            mask = read_mask(mask_path)
-            if mask.shape != original.shape[:2]:
-                raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                                 f"{original.shape[1]}x{original.shape[0]}")
-            item["gt"] = mask.astype(np.int64)
+            item["gt"] = read_mask_of_image(mask_path, original.shape[:2]).astype(np.int64)
         if image_id in self.labels:
             item["label"] = self.labels[image_id].copy()
         return item
