@@ -18,15 +18,16 @@ def _is_dist_initialised() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _as_int64_tensor(values: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
+def integer_label_tensor(values: np.ndarray | torch.Tensor, name: str, caller: str) -> torch.Tensor:
+    """values as a tensor of integer labels (numpy arrays wrapped without a copy); else a ValueError
+    naming `caller` and the argument `name`."""
     if isinstance(values, np.ndarray):
         values = torch.from_numpy(np.ascontiguousarray(values))
     if not isinstance(values, torch.Tensor):
-        raise ValueError(f"ConfusionMatrix.update: {name} must be a numpy array or tensor, "
-                         f"got {type(values).__name__}")
+        raise ValueError(f"{caller}: {name} must be a numpy array or torch tensor, got {type(values).__name__}")
     if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
-        raise ValueError(f"ConfusionMatrix.update: {name} must hold integer labels, got {values.dtype}")
-    return values.to(torch.int64)
+        raise ValueError(f"{caller}: {name} must hold integer labels, got {values.dtype}")
+    return values
 
 
 class ConfusionMatrix:
@@ -49,8 +50,8 @@ class ConfusionMatrix:
 
     def update(self, gt: np.ndarray | torch.Tensor, pred: np.ndarray | torch.Tensor) -> None:
         """Add one label map pair (any equal shapes). Pixels where gt == ignore_index are skipped."""
-        gt_t = _as_int64_tensor(gt, "gt")
-        pred_t = _as_int64_tensor(pred, "pred").to(gt_t.device)
+        gt_t = integer_label_tensor(gt, "gt", "ConfusionMatrix.update").to(torch.int64)
+        pred_t = integer_label_tensor(pred, "pred", "ConfusionMatrix.update").to(device=gt_t.device, dtype=torch.int64)
         if gt_t.shape != pred_t.shape:
             raise ValueError(f"ConfusionMatrix.update: gt shape {tuple(gt_t.shape)} != "
                              f"pred shape {tuple(pred_t.shape)}")

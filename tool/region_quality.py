@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from tool.metrics import integer_label_tensor
 from voc12.lists import IGNORE_LABEL  # 255: unreliable in mined labels, void in ground truth
 
 Array = np.ndarray | torch.Tensor
@@ -75,17 +76,6 @@ class RegionCounts:
             raise ValueError(f"RegionCounts.from_vector: expected {3 + 2 * num_labels} values for {num_labels} "
                              f"labels, got shape {values.shape}")
         return RegionCounts(values[0], values[1], values[2], values[3:3 + num_labels], values[3 + num_labels:])
-
-
-def _as_integer_tensor(values: Array, name: str, device: torch.device | None) -> torch.Tensor:
-    if isinstance(values, np.ndarray):
-        values = torch.from_numpy(np.ascontiguousarray(values))
-    if not isinstance(values, torch.Tensor):
-        raise ValueError(f"count_region_quality: {name} must be a numpy array or torch tensor, "
-                         f"got {type(values).__name__}")
-    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
-        raise ValueError(f"count_region_quality: {name} must hold integer labels, got {values.dtype}")
-    return values if device is None else values.to(device, non_blocking=True)
 
 
 def _check_host_labels(values: torch.Tensor, name: str, num_labels: int) -> None:
@@ -141,8 +131,9 @@ def count_region_quality(mined: Array, gt: Array, num_labels: int, roi: Array | 
                          f"pixels), got {num_labels}")
     as_torch = isinstance(mined, torch.Tensor) or isinstance(gt, torch.Tensor)
     device = mined.device if isinstance(mined, torch.Tensor) else gt.device if isinstance(gt, torch.Tensor) else None
-    mined_t = _as_integer_tensor(mined, "mined", device)
-    gt_t = _as_integer_tensor(gt, "gt", mined_t.device)
+    mined_t = integer_label_tensor(mined, "mined", "count_region_quality")
+    mined_t = mined_t if device is None else mined_t.to(device, non_blocking=True)
+    gt_t = integer_label_tensor(gt, "gt", "count_region_quality").to(mined_t.device, non_blocking=True)
     if mined_t.ndim != 3:
         raise ValueError(f"count_region_quality: mined must be (B,H,W), got shape {tuple(mined_t.shape)}")
     if gt_t.shape != mined_t.shape:
