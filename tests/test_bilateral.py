@@ -148,7 +148,7 @@ def test_all_channels_in_one_pass_equal_channel_by_channel():
 
 
 def test_batch_equals_image_by_image():
-    # A batch runs its images on parallel threads, a single image on the calling thread.
+    # A batch runs one task per image; a single image's loops run in pieces on all threads.
     images, values = random_case(3, 2, 3, 90, 96)
     batch = bilateral_filter(images, values, 15.0, 8.0)
     for n in range(2):
@@ -185,6 +185,34 @@ def test_imports_and_filters_in_fresh_interpreter_without_torch():
 
 def test_results_do_not_depend_on_thread_count():
     assert run_fresh(FILTER_SCRIPT, threads="1").stdout == run_fresh(FILTER_SCRIPT, threads="2").stdout
+
+
+PHOTOGRAPH_SCRIPT = """
+import sys, numpy as np, bilateralfilter
+vectors = np.load({path!r})
+for case in "ab":
+    values = vectors[case + "__values"]
+    for n in (1, 2):  # one image: every thread works on it; two: threads share what is left
+        out = np.zeros(values[:n].size, np.float32)
+        bilateralfilter.bilateralfilter_batch(np.ascontiguousarray(vectors[case + "__images"][:n], np.float32).ravel(),
+                                              values[:n].ravel(), out, n, *values.shape[1:], 15.0, 50.0)
+        np.testing.assert_array_equal(out.reshape(values[:n].shape), vectors[case + "__out"][:n])
+print("equal")
+"""
+
+
+@pytest.mark.parametrize("threads", ["1", "3", "8"])
+def test_released_photograph_outputs_at_any_thread_count(threads):
+    # Pieces of one image's blur, slice and neighbour search run on other threads, in any order.
+    script = PHOTOGRAPH_SCRIPT.format(path=os.path.join(DATA, "bilateral_photo.npz"))
+    assert run_fresh(script, threads=threads).stdout.split() == ["equal"]
+
+
+def test_error_in_one_image_of_a_threaded_batch_is_raised():
+    images = np.full((4, 3, 30, 40), 100.0, np.float32)
+    images[2, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="lattice features are too large"):
+        bilateral_filter(images, np.ones((4, 3, 30, 40), np.float32), 15.0, 10.0)
 
 
 def test_helper_accepts_tensors_and_leaves_inputs_untouched():

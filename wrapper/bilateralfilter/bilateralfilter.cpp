@@ -81,16 +81,14 @@ void bilateralfilter_batch(const float* images, int64_t images_size, const float
     require_size("images", images_size, N * 3 * pixels, "N*3*H*W");
     require_size("ins", ins_size, N * K * pixels, "N*K*H*W");
     require_size("outs", outs_size, N * K * pixels, "N*K*H*W");
-#ifdef _OPENMP
-    // Enough images to feed every thread: one image per thread; otherwise each image uses all.
-    const bool over_images = N >= omp_get_max_threads();
-#else
-    const bool over_images = false;
-#endif
-    // An exception must not leave an OpenMP region: keep the first and rethrow after it.
+    // One task per image; a thread left without an image takes pieces of the others' parallel loops
+    // (permutohedral.cpp), so unequal images and N < threads keep every thread busy. An exception
+    // must not leave a task: keep the first and rethrow after the region.
     std::exception_ptr failure;
-#pragma omp parallel for schedule(dynamic, 1) if (over_images)
+#pragma omp parallel
+#pragma omp single
     for (int n = 0; n < N; ++n) {
+#pragma omp task firstprivate(n) shared(failure)
         try {
             const int64_t offset = static_cast<int64_t>(n) * K * pixels;
             filter_image(images + n * 3 * pixels, ins + offset, outs + offset, K, H, W, sigma_rgb, sigma_xy);

@@ -10,6 +10,10 @@
 #include <stdexcept>
 #include <string>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 // The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time. They
 // stay bit-identical across the three: the build passes -ffp-contract=off (no fused multiply-add)
 // and every reduction keeps its order.
@@ -25,6 +29,27 @@
 namespace permutohedral {
 
 namespace {
+
+// Runs body(begin, end) over [0, count) in one piece per thread of the enclosing OpenMP team, as
+// tasks (OpenMP 4.5) that the team's idle threads take: an image's parallel loops then use the
+// threads other images leave free. Piece boundaries are multiples of `grain`; without a team, one
+// piece.
+template <class Body>
+void for_each_piece(int64_t count, int64_t grain, const Body& body) {
+#if defined(_OPENMP) && _OPENMP >= 201511
+    const int pieces = omp_in_parallel() ? omp_get_num_threads() : 1;
+    if (pieces > 1 && count > grain) {
+        const Body* run = &body;
+#pragma omp taskloop num_tasks(pieces) default(none) firstprivate(run, count, grain, pieces)
+        for (int piece = 0; piece < pieces; ++piece) {
+            (*run)(count * piece / pieces / grain * grain,
+                   piece + 1 == pieces ? count : count * (piece + 1) / pieces / grain * grain);
+        }
+        return;
+    }
+#endif
+    body(0, count);
+}
 
 // Points elevated together, one vector lane each (eight: native on AVX2, where sixteen lanes
 // fell back to scalar code); a multiple of the released code's group of four.
@@ -254,9 +279,9 @@ PERMUTOHEDRAL_CLONES bool simplices_of_block(const float* features, int64_t star
 }
 
 PERMUTOHEDRAL_CLONES
-void blur_axis(const float* old_values, float* new_values, const int32_t* neighbours, int64_t num_vertices,
+void blur_axis(const float* old_values, float* new_values, const int32_t* neighbours, int64_t first, int64_t last,
                int stride) {
-    for (int64_t v = 1; v <= num_vertices; ++v) {
+    for (int64_t v = first; v < last; ++v) {
         const float* old_v = old_values + v * stride;
         const float* n1 = old_values + static_cast<int64_t>(neighbours[2 * v]) * stride;
         const float* n2 = old_values + static_cast<int64_t>(neighbours[2 * v + 1]) * stride;
@@ -335,12 +360,12 @@ PERMUTOHEDRAL_CLONES void splat_group(const Entries& entries, const float* value
 // Slices columns [0, channels) of the vertex rows back to channel-major planes: per point the
 // sum over its simplex vertices r = 0..d of (weight·alpha)·row, from zero, in the released order.
 template <int d, int chunks>
-PERMUTOHEDRAL_CLONES void slice_group(const Entries& entries, const float* vertex_values, int channels, int stride,
-                                      float alpha, float* values) {
+PERMUTOHEDRAL_CLONES void slice_group(const Entries& entries, int64_t first, int64_t last, const float* vertex_values,
+                                      int channels, int stride, float alpha, float* values) {
     constexpr int width = chunks * kLanes;
     float tile[kTile * width];
-    for (int64_t start = 0; start < entries.num_points; start += kTile) {
-        const int64_t count = std::min(kTile, entries.num_points - start);
+    for (int64_t start = first; start < last; start += kTile) {
+        const int64_t count = std::min(kTile, last - start);
         for (int64_t p = 0; p < count; ++p) {
             Vec8 acc[chunks] = {};
             for (int r = 0; r <= d; ++r) {
@@ -360,7 +385,7 @@ const SimplicesFunction kSimplices[kMaxDim] = {
     simplices_of_block<1>, simplices_of_block<2>, simplices_of_block<3>, simplices_of_block<4>,
     simplices_of_block<5>, simplices_of_block<6>, simplices_of_block<7>, simplices_of_block<8>};
 using SplatFunction = void (*)(const Entries&, const float*, int, int, float*);
-using SliceFunction = void (*)(const Entries&, const float*, int, int, float, float*);
+using SliceFunction = void (*)(const Entries&, int64_t, int64_t, const float*, int, int, float, float*);
 // Kernels by feature dimension (1..kMaxDim) and, for splat and slice, registers per channel group
 // (1..4): the loops over coordinates, simplex vertices and channels unroll.
 #define PERMUTOHEDRAL_BY_CHUNKS(kernel, d) {kernel<d, 1>, kernel<d, 2>, kernel<d, 3>, kernel<d, 4>}
@@ -425,11 +450,14 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
         Key step;
         for (int i = 0; i < d; ++i) set_lane(step, i, i == j ? d : -1);
         int32_t* axis = blur_neighbours_.data() + static_cast<size_t>(j) * rows * 2;
-        for (int32_t v = 0; v < table.size(); ++v) {
-            const int32_t n1 = table.find(add_lanes(table.key(v), step)) + 1;
-            axis[2 * (v + 1)] = n1;
-            axis[2 * n1 + 1] = v + 1;
-        }
+        for_each_piece(num_vertices_, 1, [&](int64_t first, int64_t last) {
+            for (int64_t v = first; v < last; ++v) {
+                const int32_t n1 = table.find(add_lanes(table.key(static_cast<int32_t>(v)), step)) + 1;
+                axis[2 * (v + 1)] = n1;
+                // Pieces share only slot 1 (every missing n1 writes there; reset below).
+                __atomic_store_n(&axis[2 * n1 + 1], static_cast<int32_t>(v + 1), __ATOMIC_RELAXED);
+            }
+        });
         axis[1] = 0;
     }
 }
@@ -448,8 +476,10 @@ void Lattice::blur(float* vertex_values, float* scratch, int stride, float** res
     float* old_values = vertex_values;
     float* new_values = scratch;
     for (int j = 0; j <= dim_; ++j) {
-        blur_axis(old_values, new_values, blur_neighbours_.data() + static_cast<size_t>(j) * rows * 2, num_vertices_,
-                  stride);
+        const int32_t* neighbours = blur_neighbours_.data() + static_cast<size_t>(j) * rows * 2;
+        for_each_piece(num_vertices_, 1, [&](int64_t first, int64_t last) {
+            blur_axis(old_values, new_values, neighbours, first + 1, last + 1, stride);
+        });
         std::swap(old_values, new_values);
     }
     *result = old_values;
@@ -460,8 +490,10 @@ void Lattice::slice(const float* vertex_values, float* values_out, int channels,
     const Entries entries{entries_.get(), num_points_};
     for (int first = 0; first < channels; first += kGroupChannels) {
         const int group = std::min(kGroupChannels, channels - first);
-        kSlice[dim_ - 1][(group - 1) / kLanes](entries, vertex_values + first, group, stride, alpha,
-                                              values_out + first * num_points_);
+        const SliceFunction slice_points = kSlice[dim_ - 1][(group - 1) / kLanes];
+        for_each_piece(num_points_, kTile, [&](int64_t begin, int64_t end) {
+            slice_points(entries, begin, end, vertex_values + first, group, stride, alpha, values_out + first * num_points_);
+        });
     }
 }
 
