@@ -59,7 +59,7 @@ def test_figure_panels_follow_the_records(tmp_path):
     lr = panels["Learning rate per parameter group"]
     assert [line.get_label() for line in lr.get_lines()] == ["group 0", "group 1"]
     quality = panels["Reliable-region quality vs ground truth"]
-    lines = {line.get_label(): line for line in quality.get_lines()}
+    lines = {line.get_label(): line for line in quality.get_lines() if not line.get_label().startswith("_")}
     assert set(lines) == {"precision", "coverage", "cam_precision", "cam_coverage"}
     assert lines["precision"].get_xdata().tolist() == list(range(30, 60, 5))
     assert np.isnan(lines["precision"].get_ydata()[0])  # null: a gap, not a point
@@ -79,6 +79,27 @@ def test_smoothing_is_a_trailing_mean_within_each_phase():
     phases = np.array([0, 0, 0, 0, 1, 1, 1])
     # Window 2, by hand: phase 0 -> 1, 2, 3 (NaN left out), 5; phase 1 starts afresh -> 10, 15, 25.
     assert _smoothed(values, phases, 2).tolist() == [1.0, 2.0, 3.0, 5.0, 10.0, 15.0, 25.0]
+
+
+def test_quality_curves_are_trailing_means_of_the_logged_values(tmp_path):
+    path = tmp_path / "s_metrics.jsonl"
+    with open(path, "w") as handle:
+        for step, precision in enumerate([None, None, 0.2, 0.4, 0.9, 0.5]):
+            record = {"step": step, "classification_only": False, "cls": 0.1}
+            if precision is not None:
+                record.update(precision=precision, coverage=precision / 2)
+            handle.write(json.dumps(record) + "\n")
+    quality = axes_by_title(build_figure(read_run(str(path)), window=2))["Reliable-region quality vs ground truth"]
+    lines = {line.get_label(): line for line in quality.get_lines() if not line.get_label().startswith("_")}
+    # Window 2 over the four logged values, by hand: 0.2, (0.2+0.4)/2, (0.4+0.9)/2, (0.9+0.5)/2.
+    np.testing.assert_allclose(lines["precision"].get_ydata(), [0.2, 0.3, 0.65, 0.7])
+    np.testing.assert_allclose(lines["coverage"].get_ydata(), [0.1, 0.15, 0.325, 0.35])
+    assert lines["precision"].get_xdata().tolist() == [2, 3, 4, 5]
+    raw = [line for line in quality.get_lines() if line.get_label().startswith("_")]
+    assert sorted(line.get_ydata().tolist() for line in raw) == [[0.1, 0.2, 0.45, 0.25], [0.2, 0.4, 0.9, 0.5]]
+    assert quality.get_title().endswith("mean of 2 logged values")
+    raw_only = axes_by_title(build_figure(read_run(str(path)), window=1))["Reliable-region quality vs ground truth"]
+    assert [line.get_label() for line in raw_only.get_lines()] == ["precision", "coverage"]
 
 
 def test_reading_keeps_the_last_run_and_skips_torn_lines(tmp_path):

@@ -216,7 +216,7 @@ def _plot_lr(axes: Axes, records: Sequence[dict]) -> None:
         axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))  # 7e-4, not 0.00070 with an offset
 
 
-def _plot_quality(axes: Axes, records: Sequence[dict], keys: Sequence[str]) -> None:
+def _plot_quality(axes: Axes, records: Sequence[dict], keys: Sequence[str], window: int) -> None:
     axes.set_title("Reliable-region quality vs ground truth")
     if not keys:
         axes.text(0.5, 0.5, "no ground truth in this run\n(no precision / coverage in the log)", ha="center",
@@ -229,10 +229,17 @@ def _plot_quality(axes: Axes, records: Sequence[dict], keys: Sequence[str]) -> N
         word = next(w for w in QUALITY_WORDS if w in key)
         prefix = key.replace(word, "")
         colour_of.setdefault(prefix, COLOURS[len(colour_of) % len(COLOURS)])
-        steps, values, _ = _series(records, key)
-        few = np.isfinite(values).sum() <= 30
-        axes.plot(steps, values, color=colour_of[prefix], linestyle="-" if word == "precision" else "--",
-                  marker="o" if few else None, markersize=3, linewidth=1.6, label=key)
+        steps, values, phases = _series(records, key)
+        style = {"color": colour_of[prefix], "linestyle": "-" if word == "precision" else "--"}
+        # Per-update figures of a batch are noisy: a trailing mean over the logged values, raw ones faint.
+        if window > 1:
+            axes.plot(steps, values, alpha=0.25, linewidth=0.8, **style)
+            axes.plot(steps, _smoothed(values, phases, window), linewidth=1.6, label=key, **style)
+        else:
+            few = np.isfinite(values).sum() <= 30
+            axes.plot(steps, values, marker="o" if few else None, markersize=3, linewidth=1.6, label=key, **style)
+    if window > 1:
+        axes.set_title(f"Reliable-region quality vs ground truth, mean of {window} logged values")
     axes.set_ylim(0, 1.02)
     axes.set_ylabel("fraction of pixels")
 
@@ -246,8 +253,8 @@ def plot_run(run: Run, out: str, window: int | None = None) -> str:
 
 
 def build_figure(run: Run, window: int | None = None) -> Figure:
-    """The figure of `run`: loss terms, lr, reliable-region quality. `window`: updates per trailing
-    mean of the losses (None: about 60 means across the run, 1: raw values only)."""
+    """The figure of `run`: loss terms, lr, reliable-region quality. `window`: values per trailing
+    mean of the losses and quality figures (None: about 60 means across the run, 1: raw values only)."""
     records = run.records
     window = _auto_window(len(records)) if window is None else window
     if window < 1:
@@ -273,7 +280,7 @@ def build_figure(run: Run, window: int | None = None) -> Figure:
         _plot_terms(loss_axes[1], records, signed, colour_of, window, "Loss terms that reach ≤ 0")
         loss_axes[1].axhline(0.0, color="black", linewidth=0.6)
     _plot_lr(lr_axes, records)
-    _plot_quality(quality_axes, records, quality)
+    _plot_quality(quality_axes, records, quality, window)
     for index, axes in enumerate([*loss_axes, lr_axes, quality_axes]):
         _shade_classification_only(axes, records, label=index == 0)
         axes.set_xlabel("update (step)")
@@ -306,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--session", default=None, help="in a run directory: the --session_name whose metrics to draw")
     parser.add_argument("--out", default=None, help="PNG to write (default <session>curves.png beside the metrics)")
     parser.add_argument("--smooth", type=int, default=None,
-                        help="updates per trailing mean of the losses (default: about 60 means per run; 1 = raw)")
+                        help="logged values per trailing mean of the losses and region-quality figures "
+                             "(default: about 60 means per run; 1 = raw)")
     args = parser.parse_args(argv)
     path = find_metrics_file(args.source, args.session)
     run = read_run(path)
