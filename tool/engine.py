@@ -670,18 +670,6 @@ class RunLog:
             self.metrics.close()
 
 
-def _sum_quality(quality: dict[str, RegionCounts], runtime: Runtime) -> dict[str, RegionCounts]:
-    """Each rank's region counts summed over DDP ranks (for the log only)."""
-    if not runtime.distributed or not quality:
-        return quality
-    vectors = [counts.as_vector() for counts in quality.values()]
-    summed = torch.cat(vectors).to(runtime.device if runtime.device.type == "cuda" else "cpu")
-    dist.all_reduce(summed)
-    parts = summed.cpu().split([vector.numel() for vector in vectors])
-    return {prefix: RegionCounts.from_vector(part.numpy(), counts.num_labels)
-            for (prefix, counts), part in zip(quality.items(), parts)}
-
-
 def _ground_truth_note(dataset: torch.utils.data.Dataset, list_path: str) -> str | None:
     """The line that says which training ids --region_quality cannot score (None: all have a mask)."""
     missing = sum(path is None for path in dataset.mask_paths)
@@ -695,15 +683,23 @@ def _ground_truth_note(dataset: torch.utils.data.Dataset, list_path: str) -> str
             f"mask ({folders} under {dataset.root}): their pixels are not counted")
 
 
-def _reduce_terms(terms: dict[str, float], runtime: Runtime) -> dict[str, float]:
-    """Mean of each logged loss term over DDP ranks (for the log only)."""
+def _reduce_over_ranks(terms: dict[str, float], quality: dict[str, RegionCounts],
+                       runtime: Runtime) -> tuple[dict[str, float], dict[str, RegionCounts]]:
+    """Each logged loss term averaged and each region count summed over DDP ranks (for the log
+    only), in one all-reduce: counts travel as float64, exact below 2^53."""
     if not runtime.distributed:
-        return terms
+        return terms, quality
     names = sorted(terms)
-    values = torch.tensor([terms[name] for name in names], dtype=torch.float64,
-                          device=runtime.device if runtime.device.type == "cuda" else "cpu")
+    vectors = [counts.as_vector().cpu().to(torch.float64) for counts in quality.values()]
+    values = torch.cat([torch.tensor([terms[name] for name in names], dtype=torch.float64), *vectors])
+    values = values.to(runtime.device if runtime.device.type == "cuda" else "cpu")
     dist.all_reduce(values)
-    return {name: float(value) / runtime.world_size for name, value in zip(names, values.tolist())}
+    values = values.cpu()
+    mean_terms = {name: float(value) / runtime.world_size for name, value in zip(names, values[:len(names)].tolist())}
+    parts = values[len(names):].split([vector.numel() for vector in vectors])
+    summed = {prefix: RegionCounts.from_vector(part.numpy(), counts.num_labels)
+              for (prefix, counts), part in zip(quality.items(), parts)}
+    return mean_terms, summed
 
 
 def session_path(args: argparse.Namespace, suffix: str) -> str:
@@ -816,8 +812,8 @@ def run_training(args: argparse.Namespace, *, model_factory: ModelFactory | None
         for t, batch in zip(range(start_step, stop_step), loader):
             result = trainer.step(batch, t)
             steps_done = t + 1
-            result.terms = terms = _reduce_terms(result.terms, runtime)
-            result.quality = _sum_quality(result.quality, runtime)
+            result.terms, result.quality = _reduce_over_ranks(result.terms, result.quality, runtime)
+            terms = result.terms
             log.after_update(t, result, [g["lr"] for g in trainer.optimizer.param_groups])
             if panel_set is not None and t % args.vis_every == 0:
                 # The network itself, not its DDP wrapper: only rank 0 runs this forward.
