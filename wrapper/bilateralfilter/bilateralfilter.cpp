@@ -6,10 +6,6 @@
 #include <stdexcept>
 #include <string>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "permutohedral.h"
 
 namespace {
