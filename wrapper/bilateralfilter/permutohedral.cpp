@@ -85,17 +85,19 @@ public:
         shift_ = 64 - bits;
     }
 
-    // Returns the id of key, adding it if new.
+    // Grows the table, if needed, so that `count` more keys keep it at most 1/kSlotsPerVertex full.
+    void make_room(int64_t count) {
+        while (static_cast<size_t>(size() + count) * kSlotsPerVertex > slots_.size()) grow();
+    }
+
+    // Returns the id of key, adding it if new; make_room must have left room for it.
     int32_t insert(const Key& key) {
-        if ((keys_.size() + 1) * kSlotsPerVertex > slots_.size()) grow();
         const size_t mask = slots_.size() - 1;
         size_t slot = slot_of(key);
         for (; slots_[slot] != 0; slot = (slot + 1) & mask) {
             if (keys_[slots_[slot] - 1] == key) return static_cast<int32_t>(slots_[slot] - 1);
         }
-        keys_.push_back(key);
-        slots_[slot] = static_cast<uint32_t>(keys_.size());
-        return size() - 1;
+        return add(key, slot);
     }
 
     // Returns the id of key, or -1 if absent.
@@ -111,6 +113,13 @@ public:
     const Key& key(int32_t id) const { return keys_[id]; }
 
 private:
+    // Out of line: a new vertex is the rare case, and the lookups keep their registers.
+    __attribute__((noinline)) int32_t add(const Key& key, size_t slot) {
+        keys_.push_back(key);
+        slots_[slot] = static_cast<uint32_t>(keys_.size());
+        return size() - 1;
+    }
+
     // Fibonacci hashing: the top bits of a multiplicative mix pick the slot.
     size_t slot_of(const Key& key) const {
         return static_cast<size_t>((key.lo ^ key.hi * 0xC2B2AE3D27D4EB4FULL) * 0x9E3779B97F4A7C15ULL >> shift_);
@@ -380,10 +389,24 @@ PERMUTOHEDRAL_CLONES void slice_group(const Entries& entries, int64_t first, int
     }
 }
 
+// Links the `count` points of a block to their simplex vertices (entries: (count, d + 1)), in
+// point order; d known at compile time, so the d + 1 inserts of a point unroll.
+template <int d>
+void link_block(const BlockSimplices& block, int count, VertexTable& table, Entry* entries) {
+    for (int b = 0; b < count; ++b) {
+        for (int r = 0; r <= d; ++r) {
+            entries[b * (d + 1) + r] = Entry{table.insert(block.key_of(r, b)) + 1, block.weight[r][b]};
+        }
+    }
+}
+
 using SimplicesFunction = bool (*)(const float*, int64_t, int64_t, const float*, BlockSimplices&);
 const SimplicesFunction kSimplices[kMaxDim] = {
     simplices_of_block<1>, simplices_of_block<2>, simplices_of_block<3>, simplices_of_block<4>,
     simplices_of_block<5>, simplices_of_block<6>, simplices_of_block<7>, simplices_of_block<8>};
+using LinkFunction = void (*)(const BlockSimplices&, int, VertexTable&, Entry*);
+const LinkFunction kLink[kMaxDim] = {link_block<1>, link_block<2>, link_block<3>, link_block<4>,
+                                     link_block<5>, link_block<6>, link_block<7>, link_block<8>};
 using SplatFunction = void (*)(const Entries&, const float*, int, int, float*);
 using SliceFunction = void (*)(const Entries&, int64_t, int64_t, const float*, int, int, float, float*);
 // Kernels by feature dimension (1..kMaxDim) and, for splat and slice, registers per channel group
@@ -421,18 +444,15 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
     // Photographs give far fewer vertices than points; the table grows when needed.
     VertexTable table(num_points / 16 + 64);
     const SimplicesFunction simplices = kSimplices[d - 1];
+    const LinkFunction link = kLink[d - 1];
     BlockSimplices block;
     for (int64_t start = 0; start < num_points; start += kBlock) {
         if (!simplices(features, start, num_points, scale, block)) {
             throw std::invalid_argument("lattice features are too large (a scaled coordinate reaches 2^22)");
         }
         const int count = static_cast<int>(std::min<int64_t>(kBlock, num_points - start));
-        for (int b = 0; b < count; ++b) {
-            for (int r = 0; r <= d; ++r) {
-                const int64_t e = (start + b) * (d + 1) + r;
-                entries_[e] = Entry{table.insert(block.key_of(r, b)) + 1, block.weight[r][b]};
-            }
-        }
+        table.make_room(static_cast<int64_t>(kBlock) * (d + 1));  // the padding lanes' inserts included
+        link(block, count, table, entries_.get() + start * (d + 1));
         // The released code elevates points four at a time and also inserts the simplex of the
         // zero-feature lanes that pad the last group: empty vertices that still relay the blur.
         if (count < kBlock && num_points % kReleasedGroup != 0) {
@@ -444,21 +464,21 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
 
     // Blur neighbours along each of the d+1 axes: n1 = key − 1 everywhere, + d on axis j (axis d
     // touches no stored coordinate); n2 is the inverse step, so one lookup finds both. A missing
-    // n1 (row 0) gets v as its n2: row 0 is never blurred, and no branch mispredicts.
+    // n1 (row 0) sends its inverse to a scratch int: no branch mispredicts, and pieces on other
+    // threads never write the same place.
     blur_neighbours_.assign(static_cast<size_t>(d + 1) * rows * 2, 0);
     for (int j = 0; j <= d; ++j) {
         Key step;
         for (int i = 0; i < d; ++i) set_lane(step, i, i == j ? d : -1);
         int32_t* axis = blur_neighbours_.data() + static_cast<size_t>(j) * rows * 2;
         for_each_piece(num_vertices_, 1, [&](int64_t first, int64_t last) {
+            int32_t unused;
             for (int64_t v = first; v < last; ++v) {
                 const int32_t n1 = table.find(add_lanes(table.key(static_cast<int32_t>(v)), step)) + 1;
                 axis[2 * (v + 1)] = n1;
-                // Pieces share only slot 1 (every missing n1 writes there; reset below).
-                __atomic_store_n(&axis[2 * n1 + 1], static_cast<int32_t>(v + 1), __ATOMIC_RELAXED);
+                *(n1 != 0 ? &axis[2 * n1 + 1] : &unused) = static_cast<int32_t>(v + 1);
             }
         });
-        axis[1] = 0;
     }
 }
 
