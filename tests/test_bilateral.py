@@ -139,10 +139,11 @@ def random_case(seed: int, n: int, channels: int, height: int, width: int) -> tu
     return smooth_image(rng, n, height, width), rng.uniform(0, 1, (n, channels, height, width)).astype(np.float32)
 
 
-def test_all_channels_in_one_pass_equal_channel_by_channel():
-    images, values = random_case(2, 1, 5, 20, 23)
+@pytest.mark.parametrize("channels", [5, 40, 81])  # one group of 32, two with a partial one, COCO's 81
+def test_all_channels_in_one_pass_equal_channel_by_channel(channels):
+    images, values = random_case(2, 1, channels, 20, 23)
     together = bilateral_filter(images, values, 15.0, 8.0)
-    for k in range(5):
+    for k in range(channels):
         alone = np.zeros(20 * 23, np.float32)
         bilateralfilter.bilateralfilter(images[0].ravel(), values[0, k].ravel(), alone, 20, 23, 15.0, 8.0)
         np.testing.assert_array_equal(together[0, k], alone.reshape(20, 23))

@@ -61,6 +61,10 @@ constexpr int64_t kTile = 64;
 constexpr int kLanes = 8;
 // Channels splatted and sliced in one pass over the points (their sums stay in registers).
 constexpr int kGroupChannels = 4 * kLanes;
+// Vertex values are stored group by group: channels [first, first + group) of every vertex, in
+// rows of group_width(group) floats, before the next group's, so splat and slice know the row size.
+int group_size(int channels, int first) { return std::min(kGroupChannels, channels - first); }
+int group_width(int group) { return (group + kLanes - 1) / kLanes * kLanes; }
 // x + 1.5·2^23 − 1.5·2^23 rounds half to even, as _mm_cvtps_epi32 does, for |x| < 2^22.
 constexpr float kRoundingShift = 12582912.0f;
 constexpr int32_t kMaxRoundableBits = 0x4A800000;  // the bits of 2^22 as a float
@@ -342,12 +346,10 @@ struct Entries {
     int64_t num_points;
 };
 
-// Splats `channels` (<= 8·chunks) channel-major value planes into columns [0, 8·chunks) of the
-// vertex rows (stride floats apart), every vertex summing its points in point order. The chunks
-// of a point stay in registers.
+// Splats `channels` (<= 8·chunks) channel-major value planes into vertex rows of 8·chunks
+// floats, every vertex summing its points in point order. The chunks of a point stay in registers.
 template <int d, int chunks>
-PERMUTOHEDRAL_CLONES void splat_group(const Entries& entries, const float* values, int channels, int stride,
-                                      float* vertex_values) {
+PERMUTOHEDRAL_CLONES void splat_group(const Entries& entries, const float* values, int channels, float* vertex_values) {
     constexpr int width = chunks * kLanes;
     float tile[kTile * width];
     for (int64_t start = 0; start < entries.num_points; start += kTile) {
@@ -359,18 +361,19 @@ PERMUTOHEDRAL_CLONES void splat_group(const Entries& entries, const float* value
             for (int r = 0; r <= d; ++r) {
                 const int64_t e = (start + p) * (d + 1) + r;
                 const float w = entries.entry[e].weight;
-                float* row = vertex_values + static_cast<int64_t>(entries.entry[e].row) * stride;
+                float* row = vertex_values + static_cast<int64_t>(entries.entry[e].row) * width;
                 for (int c = 0; c < chunks; ++c) store8(row + c * kLanes, load8(row + c * kLanes) + w * value[c]);
             }
         }
     }
 }
 
-// Slices columns [0, channels) of the vertex rows back to channel-major planes: per point the
-// sum over its simplex vertices r = 0..d of (weight·alpha)·row, from zero, in the released order.
+// Slices channels [0, channels) of vertex rows of 8·chunks floats back to channel-major planes:
+// per point the sum over its simplex vertices r = 0..d of (weight·alpha)·row, from zero, in the
+// released order.
 template <int d, int chunks>
 PERMUTOHEDRAL_CLONES void slice_group(const Entries& entries, int64_t first, int64_t last, const float* vertex_values,
-                                      int channels, int stride, float alpha, float* values) {
+                                      int channels, float alpha, float* values) {
     constexpr int width = chunks * kLanes;
     float tile[kTile * width];
     for (int64_t start = first; start < last; start += kTile) {
@@ -380,7 +383,7 @@ PERMUTOHEDRAL_CLONES void slice_group(const Entries& entries, int64_t first, int
             for (int r = 0; r <= d; ++r) {
                 const int64_t e = (start + p) * (d + 1) + r;
                 const float w = entries.entry[e].weight * alpha;
-                const float* row = vertex_values + static_cast<int64_t>(entries.entry[e].row) * stride;
+                const float* row = vertex_values + static_cast<int64_t>(entries.entry[e].row) * width;
                 for (int c = 0; c < chunks; ++c) acc[c] += w * load8(row + c * kLanes);
             }
             for (int c = 0; c < chunks; ++c) store8(tile + p * width + c * kLanes, acc[c]);
@@ -407,8 +410,8 @@ const SimplicesFunction kSimplices[kMaxDim] = {
 using LinkFunction = void (*)(const BlockSimplices&, int, VertexTable&, Entry*);
 const LinkFunction kLink[kMaxDim] = {link_block<1>, link_block<2>, link_block<3>, link_block<4>,
                                      link_block<5>, link_block<6>, link_block<7>, link_block<8>};
-using SplatFunction = void (*)(const Entries&, const float*, int, int, float*);
-using SliceFunction = void (*)(const Entries&, int64_t, int64_t, const float*, int, int, float, float*);
+using SplatFunction = void (*)(const Entries&, const float*, int, float*);
+using SliceFunction = void (*)(const Entries&, int64_t, int64_t, const float*, int, float, float*);
 // Kernels by feature dimension (1..kMaxDim) and, for splat and slice, registers per channel group
 // (1..4): the loops over coordinates, simplex vertices and channels unroll.
 #define PERMUTOHEDRAL_BY_CHUNKS(kernel, d) {kernel<d, 1>, kernel<d, 2>, kernel<d, 3>, kernel<d, 4>}
@@ -482,54 +485,61 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
     }
 }
 
-void Lattice::splat(const float* values_in, float* vertex_values, int channels, int stride) const {
+void Lattice::splat(const float* values_in, float* vertex_values, int channels) const {
     const Entries entries{entries_.get(), num_points_};
     for (int first = 0; first < channels; first += kGroupChannels) {
-        const int group = std::min(kGroupChannels, channels - first);
-        kSplat[dim_ - 1][(group - 1) / kLanes](entries, values_in + first * num_points_, group, stride,
-                                              vertex_values + first);
+        const int group = group_size(channels, first);
+        kSplat[dim_ - 1][(group - 1) / kLanes](entries, values_in + first * num_points_, group,
+                                              vertex_values + (num_vertices_ + 1) * first);
     }
 }
 
-void Lattice::blur(float* vertex_values, float* scratch, int stride, float** result) const {
+void Lattice::blur(float* vertex_values, float* scratch, int channels, float** result) const {
     const int64_t rows = num_vertices_ + 1;
     float* old_values = vertex_values;
     float* new_values = scratch;
     for (int j = 0; j <= dim_; ++j) {
         const int32_t* neighbours = blur_neighbours_.data() + static_cast<size_t>(j) * rows * 2;
         for_each_piece(num_vertices_, 1, [&](int64_t first, int64_t last) {
-            blur_axis(old_values, new_values, neighbours, first + 1, last + 1, stride);
+            for (int group_first = 0; group_first < channels; group_first += kGroupChannels) {
+                const int64_t offset = rows * group_first;
+                blur_axis(old_values + offset, new_values + offset, neighbours, first + 1, last + 1,
+                          group_width(group_size(channels, group_first)));
+            }
         });
         std::swap(old_values, new_values);
     }
     *result = old_values;
 }
 
-void Lattice::slice(const float* vertex_values, float* values_out, int channels, int stride) const {
+void Lattice::slice(const float* vertex_values, float* values_out, int channels) const {
     const float alpha = 1.0f / (1 + std::pow(2.0f, static_cast<float>(-dim_)));
     const Entries entries{entries_.get(), num_points_};
     for (int first = 0; first < channels; first += kGroupChannels) {
-        const int group = std::min(kGroupChannels, channels - first);
+        const int group = group_size(channels, first);
         const SliceFunction slice_points = kSlice[dim_ - 1][(group - 1) / kLanes];
+        const float* group_values = vertex_values + (num_vertices_ + 1) * first;
         for_each_piece(num_points_, kTile, [&](int64_t begin, int64_t end) {
-            slice_points(entries, begin, end, vertex_values + first, group, stride, alpha, values_out + first * num_points_);
+            slice_points(entries, begin, end, group_values, group, alpha, values_out + first * num_points_);
         });
     }
 }
 
 void Lattice::filter(const float* values_in, float* values_out, int channels) const {
     if (channels < 1) throw std::invalid_argument("number of channels must be >= 1");
-    const int stride = (channels + kLanes - 1) / kLanes * kLanes;
-    const size_t size = static_cast<size_t>(num_vertices_ + 1) * stride;
-    // Splat sums from zero; the blur writes every row of the scratch buffer but row 0, the zero
-    // row that missing neighbours point to.
+    const int64_t rows = num_vertices_ + 1;
+    const size_t size = static_cast<size_t>(rows) * group_width(channels);  // every group full but the last
+    // Splat sums from zero; the blur writes every row of the scratch buffer but row 0 of each
+    // group, the zero row that missing neighbours point to.
     std::vector<float> vertex_values(size, 0.0f);
     std::unique_ptr<float[]> scratch(new float[size]);
-    std::fill(scratch.get(), scratch.get() + stride, 0.0f);
-    splat(values_in, vertex_values.data(), channels, stride);
+    for (int first = 0; first < channels; first += kGroupChannels) {
+        std::fill_n(scratch.get() + rows * first, group_width(group_size(channels, first)), 0.0f);
+    }
+    splat(values_in, vertex_values.data(), channels);
     float* blurred = nullptr;
-    blur(vertex_values.data(), scratch.get(), stride, &blurred);
-    slice(blurred, values_out, channels, stride);
+    blur(vertex_values.data(), scratch.get(), channels, &blurred);
+    slice(blurred, values_out, channels);
 }
 
 }  // namespace permutohedral

@@ -39,9 +39,9 @@ public:
     int64_t num_vertices() const { return num_vertices_; }
 
 private:
-    void splat(const float* values_in, float* vertex_values, int channels, int stride) const;
-    void blur(float* vertex_values, float* scratch, int stride, float** result) const;
-    void slice(const float* vertex_values, float* values_out, int channels, int stride) const;
+    void splat(const float* values_in, float* vertex_values, int channels) const;
+    void blur(float* vertex_values, float* scratch, int channels, float** result) const;
+    void slice(const float* vertex_values, float* values_out, int channels) const;
 
     int dim_;
     int64_t num_points_;
