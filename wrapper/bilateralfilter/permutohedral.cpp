@@ -291,16 +291,17 @@ PERMUTOHEDRAL_CLONES bool simplices_of_block(const float* features, int64_t star
     return true;
 }
 
-PERMUTOHEDRAL_CLONES
-void blur_axis(const float* old_values, float* new_values, const int32_t* neighbours, int64_t first, int64_t last,
-               int stride) {
+// One [1 2 1]/2 blur step of vertex rows [first, last) of 8·chunks floats along one axis.
+template <int chunks>
+PERMUTOHEDRAL_CLONES void blur_axis(const float* old_values, float* new_values, const int32_t* neighbours,
+                                    int64_t first, int64_t last) {
+    constexpr int width = chunks * kLanes;
     for (int64_t v = first; v < last; ++v) {
-        const float* old_v = old_values + v * stride;
-        const float* n1 = old_values + static_cast<int64_t>(neighbours[2 * v]) * stride;
-        const float* n2 = old_values + static_cast<int64_t>(neighbours[2 * v + 1]) * stride;
-        float* new_v = new_values + v * stride;
-        for (int c = 0; c < stride; c += kLanes) {
-            for (int k = 0; k < kLanes; ++k) new_v[c + k] = old_v[c + k] + 0.5f * (n1[c + k] + n2[c + k]);
+        const float* n1 = old_values + static_cast<int64_t>(neighbours[2 * v]) * width;
+        const float* n2 = old_values + static_cast<int64_t>(neighbours[2 * v + 1]) * width;
+        const float* old_v = old_values + v * width;
+        for (int c = 0; c < width; c += kLanes) {
+            store8(new_values + v * width + c, load8(old_v + c) + 0.5f * (load8(n1 + c) + load8(n2 + c)));
         }
     }
 }
@@ -410,6 +411,8 @@ const SimplicesFunction kSimplices[kMaxDim] = {
 using LinkFunction = void (*)(const BlockSimplices&, int, VertexTable&, Entry*);
 const LinkFunction kLink[kMaxDim] = {link_block<1>, link_block<2>, link_block<3>, link_block<4>,
                                      link_block<5>, link_block<6>, link_block<7>, link_block<8>};
+using BlurFunction = void (*)(const float*, float*, const int32_t*, int64_t, int64_t);
+const BlurFunction kBlur[4] = {blur_axis<1>, blur_axis<2>, blur_axis<3>, blur_axis<4>};
 using SplatFunction = void (*)(const Entries&, const float*, int, float*);
 using SliceFunction = void (*)(const Entries&, int64_t, int64_t, const float*, int, float, float*);
 // Kernels by feature dimension (1..kMaxDim) and, for splat and slice, registers per channel group
@@ -503,8 +506,8 @@ void Lattice::blur(float* vertex_values, float* scratch, int channels, float** r
         for_each_piece(num_vertices_, 1, [&](int64_t first, int64_t last) {
             for (int group_first = 0; group_first < channels; group_first += kGroupChannels) {
                 const int64_t offset = rows * group_first;
-                blur_axis(old_values + offset, new_values + offset, neighbours, first + 1, last + 1,
-                          group_width(group_size(channels, group_first)));
+                kBlur[(group_size(channels, group_first) - 1) / kLanes](old_values + offset, new_values + offset,
+                                                                        neighbours, first + 1, last + 1);
             }
         });
         std::swap(old_values, new_values);
