@@ -78,10 +78,42 @@ struct Key {
     bool operator==(const Key& other) const { return lo == other.lo && hi == other.hi; }
 };
 
+// Fibonacci hashing: the top bits of a multiplicative mix pick the slot.
+inline size_t slot_of(const Key& key, int shift) {
+    return static_cast<size_t>((key.lo ^ key.hi * 0xC2B2AE3D27D4EB4FULL) * 0x9E3779B97F4A7C15ULL >> shift);
+}
+
 // Open-addressing table from keys to dense vertex ids in order of first insertion. Slots hold
 // only id + 1 (0 = empty) so that the table stays in L2 at a low load; keys live by id.
 class VertexTable {
 public:
+    // Inserts with the table's state held by value (in registers, once inlined into a loop that
+    // copies it): `begin` made room for them, `end` records them. Between the two the table
+    // itself must not be used.
+    class Batch {
+    public:
+        // Returns the id of key, adding it if new.
+        int32_t insert(const Key& key) {
+            for (size_t slot = slot_of(key, shift_);; slot = (slot + 1) & mask_) {
+                const uint32_t row = slots_[slot];
+                if (row == 0) {
+                    keys_[size_] = key;
+                    slots_[slot] = static_cast<uint32_t>(++size_);
+                    return size_ - 1;
+                }
+                if (keys_[row - 1] == key) return static_cast<int32_t>(row - 1);
+            }
+        }
+
+    private:
+        friend class VertexTable;
+        uint32_t* slots_;
+        Key* keys_;
+        size_t mask_;
+        int shift_;
+        int32_t size_;
+    };
+
     explicit VertexTable(int64_t expected_size) {
         int bits = 10;
         while ((int64_t{1} << bits) < kSlotsPerVertex * expected_size && bits < 31) ++bits;
@@ -89,60 +121,50 @@ public:
         shift_ = 64 - bits;
     }
 
-    // Grows the table, if needed, so that `count` more keys keep it at most 1/kSlotsPerVertex full.
-    void make_room(int64_t count) {
-        while (static_cast<size_t>(size() + count) * kSlotsPerVertex > slots_.size()) grow();
+    // Room for `count` more keys, the table kept at most 1/kSlotsPerVertex full.
+    Batch begin(int64_t count) {
+        const size_t needed = static_cast<size_t>(size_ + count);
+        while (needed * kSlotsPerVertex > slots_.size()) grow();
+        if (keys_.size() < needed) keys_.resize(std::max(2 * keys_.size(), needed));
+        Batch batch;
+        batch.slots_ = slots_.data();
+        batch.keys_ = keys_.data();
+        batch.mask_ = slots_.size() - 1;
+        batch.shift_ = shift_;
+        batch.size_ = size_;
+        return batch;
     }
 
-    // Returns the id of key, adding it if new; make_room must have left room for it.
-    int32_t insert(const Key& key) {
-        const size_t mask = slots_.size() - 1;
-        size_t slot = slot_of(key);
-        for (; slots_[slot] != 0; slot = (slot + 1) & mask) {
-            if (keys_[slots_[slot] - 1] == key) return static_cast<int32_t>(slots_[slot] - 1);
-        }
-        return add(key, slot);
-    }
+    void end(const Batch& batch) { size_ = batch.size_; }
 
     // Returns the id of key, or -1 if absent.
     int32_t find(const Key& key) const {
         const size_t mask = slots_.size() - 1;
-        for (size_t slot = slot_of(key); slots_[slot] != 0; slot = (slot + 1) & mask) {
+        for (size_t slot = slot_of(key, shift_); slots_[slot] != 0; slot = (slot + 1) & mask) {
             if (keys_[slots_[slot] - 1] == key) return static_cast<int32_t>(slots_[slot] - 1);
         }
         return -1;
     }
 
-    int32_t size() const { return static_cast<int32_t>(keys_.size()); }
+    int32_t size() const { return size_; }
     const Key& key(int32_t id) const { return keys_[id]; }
 
 private:
-    // Out of line: a new vertex is the rare case, and the lookups keep their registers.
-    __attribute__((noinline)) int32_t add(const Key& key, size_t slot) {
-        keys_.push_back(key);
-        slots_[slot] = static_cast<uint32_t>(keys_.size());
-        return size() - 1;
-    }
-
-    // Fibonacci hashing: the top bits of a multiplicative mix pick the slot.
-    size_t slot_of(const Key& key) const {
-        return static_cast<size_t>((key.lo ^ key.hi * 0xC2B2AE3D27D4EB4FULL) * 0x9E3779B97F4A7C15ULL >> shift_);
-    }
-
     void grow() {
         slots_.assign(slots_.size() * 2, 0);
         --shift_;
         const size_t mask = slots_.size() - 1;
-        for (int32_t id = 0; id < size(); ++id) {
-            size_t slot = slot_of(keys_[id]);
+        for (int32_t id = 0; id < size_; ++id) {
+            size_t slot = slot_of(keys_[id], shift_);
             while (slots_[slot] != 0) slot = (slot + 1) & mask;
             slots_[slot] = static_cast<uint32_t>(id + 1);
         }
     }
 
     std::vector<uint32_t> slots_;
-    std::vector<Key> keys_;
+    std::vector<Key> keys_;  // the first size_ are the vertices' keys
     int shift_;
+    int32_t size_ = 0;
 };
 
 void set_lane(Key& key, int i, int value) {
@@ -396,19 +418,21 @@ PERMUTOHEDRAL_CLONES void slice_group(const Entries& entries, int64_t first, int
 // Links the `count` points of a block to their simplex vertices (entries: (count, d + 1)), in
 // point order; d known at compile time, so the d + 1 inserts of a point unroll.
 template <int d>
-void link_block(const BlockSimplices& block, int count, VertexTable& table, Entry* entries) {
+void link_block(const BlockSimplices& block, int count, VertexTable::Batch& inserts, Entry* entries) {
+    VertexTable::Batch local = inserts;
     for (int b = 0; b < count; ++b) {
         for (int r = 0; r <= d; ++r) {
-            entries[b * (d + 1) + r] = Entry{table.insert(block.key_of(r, b)) + 1, block.weight[r][b]};
+            entries[b * (d + 1) + r] = Entry{local.insert(block.key_of(r, b)) + 1, block.weight[r][b]};
         }
     }
+    inserts = local;
 }
 
 using SimplicesFunction = bool (*)(const float*, int64_t, int64_t, const float*, BlockSimplices&);
 const SimplicesFunction kSimplices[kMaxDim] = {
     simplices_of_block<1>, simplices_of_block<2>, simplices_of_block<3>, simplices_of_block<4>,
     simplices_of_block<5>, simplices_of_block<6>, simplices_of_block<7>, simplices_of_block<8>};
-using LinkFunction = void (*)(const BlockSimplices&, int, VertexTable&, Entry*);
+using LinkFunction = void (*)(const BlockSimplices&, int, VertexTable::Batch&, Entry*);
 const LinkFunction kLink[kMaxDim] = {link_block<1>, link_block<2>, link_block<3>, link_block<4>,
                                      link_block<5>, link_block<6>, link_block<7>, link_block<8>};
 using BlurFunction = void (*)(const float*, float*, const int32_t*, int64_t, int64_t);
@@ -457,13 +481,14 @@ Lattice::Lattice(const float* features, int dim, int64_t num_points) : dim_(dim)
             throw std::invalid_argument("lattice features are too large (a scaled coordinate reaches 2^22)");
         }
         const int count = static_cast<int>(std::min<int64_t>(kBlock, num_points - start));
-        table.make_room(static_cast<int64_t>(kBlock) * (d + 1));  // the padding lanes' inserts included
-        link(block, count, table, entries_.get() + start * (d + 1));
+        VertexTable::Batch inserts = table.begin(static_cast<int64_t>(kBlock) * (d + 1));  // padding lanes too
+        link(block, count, inserts, entries_.get() + start * (d + 1));
         // The released code elevates points four at a time and also inserts the simplex of the
         // zero-feature lanes that pad the last group: empty vertices that still relay the blur.
         if (count < kBlock && num_points % kReleasedGroup != 0) {
-            for (int r = 0; r <= d; ++r) table.insert(block.key_of(r, count));
+            for (int r = 0; r <= d; ++r) inserts.insert(block.key_of(r, count));
         }
+        table.end(inserts);
     }
     num_vertices_ = table.size();
     const int64_t rows = num_vertices_ + 1;
