@@ -4,12 +4,13 @@
 // splat and slice accumulated in point order, slice weights premultiplied by alpha).
 //
 // Built once per set of points; filter() pushes any number of value channels through it at once,
-// the channels of a vertex contiguous so splat, blur and slice run as vector operations.
+// a vertex's channels contiguous (in groups of up to 32) so splat, blur and slice run as vector
+// operations.
 // Inside an OpenMP team the neighbour search, blur and slice run in pieces as tasks that idle
 // threads take; the inserts and the splat, whose order fixes the sums, stay on one thread.
 // Memory: 8·(d+1) bytes per point (vertex and weight of each simplex vertex) and 8·(d+1) per
-// vertex (blur neighbours); the build adds a hash table of 64–128 bytes of slots and a 16-byte
-// key per vertex, filter() two vertex-value buffers of 4·(V+1)·C' bytes each (C' = channels
+// vertex (blur neighbours); the build adds a hash table of 64–128 bytes of slots and 16–32 bytes
+// of keys per vertex, filter() two vertex-value buffers of 4·(V+1)·C' bytes each (C' = channels
 // rounded up to 8).
 #pragma once
 
