@@ -28,6 +28,7 @@ from tool.crf import INFERENCE_CRF_PARAMS, PROB_CLIP, TRAINING_CRF_PARAMS
 from tool.lattice import (
     DEFAULT_MEMORY_BUDGET,
     PermutohedralLattice,
+    float32_value,
     bilateral_features,
     estimate_lattice_bytes,
 )
@@ -44,14 +45,14 @@ def crf_bytes_per_image(height: int, width: int, num_maps: int, num_labels: int)
     return lattices + state
 
 
-def _check_images(images: object, batch: int | None, height: int | None, width: int | None) -> Tensor:
+def _check_images(images: object, batch: int, height: int, width: int) -> Tensor:
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise TypeError(f"images must be uint8 or floating point (0..255), got {images.dtype}")
-    if batch is not None and tuple(images.shape) != (batch, 3, height, width):
+    if tuple(images.shape) != (batch, 3, height, width):
         raise ValueError(f"images must have shape {(batch, 3, height, width)} to match probs, "
                          f"got {tuple(images.shape)}")
     return images
@@ -78,13 +79,13 @@ def _crf_chunk(images: Tensor, probs: Tensor, mask: Tensor | None, iterations: i
     channels = maps * labels
     value_size: int | Tensor = labels if mask is None else mask.sum(dim=1)
     lattices = []
+    ones = torch.ones(batch, 1, points, dtype=torch.float32, device=images.device)
     for srgb, sxy, compat in kernels:
         lattice = PermutohedralLattice(bilateral_features(images, srgb, sxy), flavour="densecrf",
                                        static_shapes=static_shapes)
-        ones = torch.ones(batch, 1, points, dtype=torch.float32, device=images.device)
         filtered = lattice.filter(ones, value_size=1)
         norm = (1.0 / torch.sqrt(filtered.to(torch.float64) + 1e-20)).to(torch.float32)
-        lattices.append((lattice, norm.view(batch, 1, 1, points), -float(np.float32(compat))))
+        lattices.append((lattice, norm.view(batch, 1, 1, points), -float32_value(compat)))
 
     # Clip and log in the caller's dtype, then cast, as pydensecrf.utils.unary_from_softmax does.
     unary = -torch.log(torch.clamp(probs, PROB_CLIP, 1.0))

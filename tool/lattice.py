@@ -61,19 +61,19 @@ _LANE_MASK = (1 << _LANE_BITS) - 1
 _KEY_LIMIT = 2 ** 63  # keys are int64 in [0, 2^63)
 
 
-def _float32(value: float) -> float:
+def float32_value(value: float) -> float:
     """A Python float holding exactly the float32 rounding of value."""
     return float(np.float32(value))
 
 
 def _scale_factors(dim: int) -> list[float]:
     # As in both C++ codes: inv_std_dev is a float; each factor is computed in double, stored as float.
-    inv_std_dev = _float32(math.sqrt(2.0 / 3.0) * (dim + 1))
-    return [_float32(1.0 / math.sqrt(float((i + 2) * (i + 1))) * inv_std_dev) for i in range(dim)]
+    inv_std_dev = float32_value(math.sqrt(2.0 / 3.0) * (dim + 1))
+    return [float32_value(1.0 / math.sqrt(float((i + 2) * (i + 1))) * inv_std_dev) for i in range(dim)]
 
 
 def _alpha(dim: int) -> float:
-    return _float32(1.0 / _float32(1.0 + _float32(2.0 ** -dim)))
+    return float32_value(1.0 / float32_value(1.0 + float32_value(2.0 ** -dim)))
 
 
 def _padded_points(num_points: int) -> int:
@@ -183,7 +183,7 @@ class PermutohedralLattice:
         flat_points = batch * points
         coordinates = features.transpose(0, 1).reshape(d, flat_points)  # image-major points
         scale = _scale_factors(d)
-        inv_dp1 = _float32(1.0 / (d + 1))
+        inv_dp1 = float32_value(1.0 / (d + 1))
 
         # Elevation y = E·f (p.5 of Adams et al.), float operations in the C++ order.
         elevated: list[Tensor] = [coordinates[0]] * (d + 1)
@@ -512,7 +512,7 @@ def bilateral_features(images: Tensor, sigma_rgb: float | None, sigma_xy: float)
     def divide(x: Tensor, sigma: float) -> Tensor:
         # A device tensor divisor keeps a true division (CUDA turns a scalar divisor into a reciprocal).
         # (torch.full, not torch.tensor: no host-to-device copy, which would synchronise.)
-        return x / torch.full((), _float32(sigma), dtype=torch.float32, device=device)
+        return x / torch.full((), float32_value(sigma), dtype=torch.float32, device=device)
 
     cols = divide(torch.arange(width, dtype=torch.float32, device=device), sigma_xy)
     rows = divide(torch.arange(height, dtype=torch.float32, device=device), sigma_xy)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tool.crf import TRAINING_CRF_PARAMS, dense_crf_same_image, resolve_crf_backend
 from tool.crf_torch import training_crf_torch
+from tool.lattice import float32_value
 from tool.device import cores_per_process
 from voc12.lists import IGNORE_LABEL
 
@@ -211,8 +212,8 @@ PowerMode = Literal["auto", "numpy", "float64"]
 
 # Constants rounded to float32 once: comparing a float32 tensor with them gives the NEP 50 float32
 # comparison of the numpy path whether torch compares in float32 or float64.
-_F32_CAM_FLOOR = float(np.float32(CAM_FLOOR))
-_F32_BG_CAM_SURE = float(np.float32(BG_CAM_SURE))
+_F32_CAM_FLOOR = float32_value(CAM_FLOOR)
+_F32_BG_CAM_SURE = float32_value(BG_CAM_SURE)
 _LABEL_PRESENT = 1e-5
 
 
@@ -489,9 +490,8 @@ def mine_reliable_regions_torch(images: torch.Tensor, labels: "torch.Tensor | np
 
     ignore = torch.full((), IGNORE_LABEL, dtype=torch.int64, device=device)
     pseudo_label = torch.where(la_channel == 0, ignore, la_label)
-    # sum > 0 rather than any(): CUDA any/all reductions have synchronised (pytorch issue 84291).
-    in_la_map = torch.stack([(la_channel == j).flatten(1).sum(dim=1) > 0 for j in range(channels)],
-                            dim=1)
+    # One scatter marks the channels the map uses (no any(): CUDA any/all have synchronised, pytorch 84291).
+    in_la_map = torch.zeros((batch, channels), dtype=torch.bool, device=device).scatter_(1, la_channel.flatten(1), True)
     thresholds = _class_thresholds_torch(cam_channel.flatten(1), cam_value.flatten(1), in_la_map)
     cam_sure = cam_value > thresholds.gather(1, cam_channel.flatten(1)).view(batch, height, width)
 
@@ -533,7 +533,8 @@ def crop_norm_cams(cam: torch.Tensor, labels: "torch.Tensor | np.ndarray", size:
             normalised = normalise_cams_torch(cam_up.index_select(1, channels), labels_np[index:index + 1, present])
             norm_cams[index].index_copy_(0, channels, normalised[0])
         else:
-            norm_cams[index, present] = normalise_cam(cam_up[0].cpu().numpy()[present], labels_np[index, present])
+            present_up = cam_up[0].index_select(0, torch.from_numpy(present).to(cam.device)).cpu().numpy()
+            norm_cams[index, present] = normalise_cam(present_up, labels_np[index, present])
     return norm_cams
 
 
