@@ -33,8 +33,8 @@ count densecrf would see (the static layout honours it; the compact one sums in 
 
 Memory per image (N points, N' padded, d features, K channels, R vertex rows; R = N'·(d+1) + 1 on
 the static layout, the true vertex count + 1 (typically 1–10% of that) on the compact one): the
-built lattice keeps 16·(d+1) bytes per point (vertex row int64, weight and alpha·weight float32
-of each simplex vertex; 24·(d+1) more for the compact layout's CSR matrices) and 16·(d+1) bytes
+built lattice keeps 16·(d+1) bytes per point (static layout: vertex row int64, weight and
+alpha·weight float32 of each simplex vertex; compact layout: its CSR matrices, 24·(d+1)) and 16·(d+1) bytes
 per vertex row (two blur neighbours per axis, int64); one filter call holds about
 4·K·(4·R + 10·N') bytes; the build peaks near (d+1)·N'·(96 + 16·S) + 8·(3·d + 11)·R bytes
 (S = key-sorting stages, 2 for d = 5 on the static layout). For d = 5 on the static layout: about
@@ -282,8 +282,7 @@ class PermutohedralLattice:
                 stage_lanes.append(lane)
                 lane += 1
             if stage_lanes and all(digits[i][0] is not None for i in stage_lanes):
-                key = self._offset_stage_key(stage_lanes, digits, base, rank_with_last, vertex_id,
-                                             None if stages else (torch.arange(flat_points, device=device) // points))
+                key = self._offset_stage_key(stage_lanes, digits, base, rank_with_last, vertex_id)
             else:
                 key = vertex_id
                 for i in stage_lanes:
@@ -339,10 +338,11 @@ class PermutohedralLattice:
         self._neighbours = neighbours
         del tables, vertex_coords, vertex_image
 
-        self._entry_rows = entry_row.view(d + 1, flat_points)
-        self._weights = weights  # (d+1, B·P)
-        self._slice_weights = weights * self.alpha
-        if not self.static_shapes:
+        entry_rows = entry_row.view(d + 1, flat_points)
+        slice_weights = weights * self.alpha
+        if self.static_shapes:
+            self._entry_rows, self._weights, self._slice_weights = entry_rows, weights, slice_weights  # (d+1, B·P)
+        else:
             # The last stage's sort orders the entries by vertex: the splat matrix's rows.
             crow = torch.cat([torch.zeros(2, dtype=torch.int64, device=device), is_first.nonzero()[1:, 0],
                               torch.full((1,), num_entries, dtype=torch.int64, device=device)])
@@ -352,18 +352,18 @@ class PermutohedralLattice:
                     crow, order % flat_points, weights.reshape(-1).index_select(0, order),
                     (rows_count, flat_points), check_invariants=False)
                 self._slice_matrix = torch.sparse_csr_tensor(
-                    torch.arange(0, num_entries + 1, d + 1, device=device), self._entry_rows.t().reshape(-1),
-                    self._slice_weights.t().reshape(-1), (flat_points, rows_count), check_invariants=False)
+                    torch.arange(0, num_entries + 1, d + 1, device=device), entry_rows.t().reshape(-1),
+                    slice_weights.t().reshape(-1), (flat_points, rows_count), check_invariants=False)
 
     def _offset_stage_key(self, lanes: list[int], digits: list[tuple[int | None, int]], base: Tensor,
-                          rank: Tensor, prefix: Tensor, point_image: Tensor | None) -> Tensor:
+                          rank: Tensor, prefix: Tensor) -> Tensor:
         """The mixed-radix keys of all entries for offset digits, computed per point.
 
         Σ_i stride_i·(coordinate_i − offset_i) with coordinate_i = base_i + r − (d+1)·[rank_i > d − r]
         is A + r·C − (d+1)·T_r: A = Σ stride_i·(base_i − offset_i) and C = Σ stride_i per point, and
         T_r the strides of the lanes ranked above d − r, a cumulative sum over ranks. Equal to the
-        digit-by-digit (Horner) key. prefix: (E,) leading key (previous stage's rank), or
-        point_image (B·P,) for the first stage.
+        digit-by-digit (Horner) key. prefix: (E,) leading key (the previous stage's rank, or the
+        entry's image for the first stage).
         """
         d = self.dim
         strides: dict[int, int] = {}
@@ -382,8 +382,6 @@ class PermutohedralLattice:
         above[1:] = torch.cumsum(by_rank.flip(0), 0)[:d]  # above[r] = Σ strides of ranks > d − r
         r_column = torch.arange(d + 1, device=base.device).unsqueeze(1)
         local = (per_point.unsqueeze(0) + r_column * sum(strides.values())) - (d + 1) * above
-        if point_image is not None:
-            return (local + (point_image * capacity).unsqueeze(0)).reshape(-1)
         return prefix * capacity + local.reshape(-1)
 
     # ----------------------------------------------------------------------------------- filter
@@ -430,21 +428,21 @@ class PermutohedralLattice:
         if not self.static_shapes:
             out = self._slice_matrix @ vertex_values
         else:
-            out = out_seq = None
-            for r in range(d + 1):
-                gathered = vertex_values.index_select(0, self._entry_rows[r])
-                if sequential is not True:
-                    term = gathered * self._slice_weights[r].unsqueeze(1)
-                    out = term if out is None else out.add_(term)
-                if sequential is not False:
-                    term = gathered.mul_(self._weights[r].unsqueeze(1)).mul_(self.alpha)
-                    out_seq = term if out_seq is None else out_seq.add_(term)
+            # Per point, (row·weight)·scale: weight·alpha and 1 for the usual sum, weight and alpha
+            # for densecrf's sequential one (multiplying by 1 is exact).
+            weights, scale = self._slice_weights, None
             if sequential is True:
-                out = out_seq
+                weights, scale = self._weights, self.alpha
             elif sequential is not False:
-                assert out is not None and out_seq is not None
-                per_point = sequential.view(batch, 1, 1).expand(batch, points, 1).reshape(batch * points, 1)
-                out = torch.where(per_point, out_seq, out)
+                per_point = sequential.view(batch, 1).expand(batch, points).reshape(-1)
+                weights = torch.where(per_point, self._weights, self._slice_weights)
+                scale = torch.where(per_point, self.alpha, 1.0).to(values.dtype).unsqueeze(1)
+            out = None
+            for r in range(d + 1):
+                term = vertex_values.index_select(0, self._entry_rows[r]).mul_(weights[r].unsqueeze(1))
+                if scale is not None:
+                    term.mul_(scale)
+                out = term if out is None else out.add_(term)
         assert out is not None
         out = out.view(batch, points, channels)[:, : self.num_points].transpose(1, 2).contiguous()
         return out.view(values.shape)
