@@ -98,7 +98,7 @@ def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int, dev
     from network.fast_conv import plain_convolution
     from tool.checkpoint import unwrap_model
     from tool.engine import MINED, VIS_EVERY, VIS_IMAGES, Trainer, build_parser, finalize_args, setup_runtime
-    from tool.region_quality import region_figures
+    from tool.region_quality import region_figures, region_figures_by_prefix
     from tool.run_monitor import RunMonitor, training_scalars
     from tool.visualize import fixed_batch, training_panels
     from voc12.data import TrainDatasetScaled
@@ -127,8 +127,7 @@ def measure(mode: str, voc_root: str, width: float, crop: int, repeats: int, dev
             workers_cpu = children_cpu_seconds() - workers_cpu
             if watched:  # RunLog's share: the figures and the step's scalars
                 wall, cpu = time.perf_counter(), time.process_time()
-                figures = {key: value for prefix, counts in result.quality.items()
-                           for key, value in region_figures(counts, prefix).items()}
+                figures = region_figures_by_prefix(result.quality)
                 monitor.log_scalars(t, training_scalars(result.terms, [g["lr"] for g in trainer.optimizer.param_groups],
                                                         10.0, figures))
                 result.timings["monitor"] = time.perf_counter() - wall

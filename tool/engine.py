@@ -36,7 +36,8 @@ from tool.dense_energy import DenseEnergyLoss
 from tool.device import add_device_arguments, autocast_context, cores_per_process, pick_device, resolve_amp
 from tool.losses import classification_loss, joint_loss
 from tool.mining import ReliableRegionMiner, cam_label_maps, crop_norm_cams, mine_norm_cams
-from tool.region_quality import RegionCounts, count_region_quality, quality_summary, region_figures, summary_counts
+from tool.region_quality import (RegionCounts, count_region_quality, quality_summary, region_figures_by_prefix,
+                                 summary_counts)
 from tool.run_monitor import RunMonitor, training_scalars
 from tool.schedule import OPTIMIZERS, SECOND_PHASE_LR, LearningRateSchedule, build_optimizer
 from tool.train_batches import PositionSeededDataset, StepBatchSampler
@@ -612,9 +613,8 @@ class RunLog:
         self.losses.append(result.terms["total"])
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{result.terms['total']:.4f}", lr=f"{lrs[0]:.2e}")
-        figures: dict[str, float | None] = {}
+        figures = region_figures_by_prefix(result.quality)
         for prefix, counts in result.quality.items():
-            figures.update(region_figures(counts, prefix))
             total = self.quality_totals.get(prefix)
             self.quality_totals[prefix] = counts if total is None else total + counts
         record = {"step": t, "lr": list(lrs), "classification_only": result.classification_only,
@@ -651,8 +651,7 @@ class RunLog:
         """The run's reliable-region figures in one log line (none without any)."""
         if not self.quality_totals:
             return
-        figures = {key: value for prefix, counts in self.quality_totals.items()
-                   for key, value in region_figures(counts, prefix).items()}
+        figures = region_figures_by_prefix(self.quality_totals)
 
         def percent(key: str) -> str:
             return "n/a" if figures.get(key) is None else f"{100 * figures[key]:.1f}%"

@@ -171,6 +171,11 @@ def region_figures(counts: RegionCounts, prefix: str = "") -> dict[str, float | 
             f"{prefix}coverage": _ratio(counts.kept, counts.valid)}
 
 
+def region_figures_by_prefix(counts: Mapping[str, RegionCounts]) -> dict[str, float | None]:
+    """The `region_figures` of each prefix's counts ('' = mined labels, 'cam_' = CAM labels), in one dict."""
+    return {key: value for prefix, total in counts.items() for key, value in region_figures(total, prefix).items()}
+
+
 def per_class_precision(counts: RegionCounts) -> dict[int, float]:
     """{label: precision over the kept pixels mined as that label}; labels with no kept pixel are left out."""
     if not isinstance(counts, RegionCounts):
