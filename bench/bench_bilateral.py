@@ -89,6 +89,18 @@ def softmax_maps(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
     return np.ascontiguousarray(exp / exp.sum(axis=1, keepdims=True), np.float32)
 
 
+def resident_kib(field: str) -> int:
+    """A size from /proc/self/status in KiB (VmRSS: resident now; VmHWM: its peak)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def reset_peak_resident() -> None:
+    """Resets the peak resident size (VmHWM) to the current one (Linux)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
 def relative_difference(ours: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
@@ -145,17 +157,13 @@ images = bench.photograph_batch(n, size)
 values = bench.softmax_maps(np.random.default_rng(0), n, size)
 out = np.ones_like(values)  # written, so resident before the call
 released = bench.load_baseline({library!r}) if {library!r} else None
-def status_kib(field):
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-with open("/proc/self/clear_refs", "w") as clear:
-    clear.write("5")  # resets the peak resident size (VmHWM) to the current one
-before = status_kib("VmRSS")
+bench.reset_peak_resident()
+before = bench.resident_kib("VmRSS")
 if released:
     bench.released_filter(released, images, values, 50.0, out)
 else:
     bench.our_filter(images, values, 50.0, out)
-print(status_kib("VmHWM") - before)
+print(bench.resident_kib("VmHWM") - before)
 """
 
 

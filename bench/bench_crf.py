@@ -34,7 +34,7 @@ from skimage import data as photographs
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from bench_bilateral import cpu_description
+from bench_bilateral import cpu_description, photograph_batch, relative_difference
 
 from tool.bilateral import bilateral_filter
 from tool.crf_pool import crf_label_map
@@ -76,14 +76,6 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def resident_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 Case = tuple[Callable[[], object], Callable[[], object], Callable[[object, object], str]]
 
 
@@ -111,7 +103,7 @@ def inference_case(device: torch.device) -> Case:
 
 
 def filter_case(side: int, device: torch.device) -> Case:
-    images = np.stack([photo(i, side, side) for i in range(2)]).transpose(0, 3, 1, 2).astype(np.float32)
+    images = photograph_batch(2, side)
     generator = torch.Generator().manual_seed(side)
     values = torch.softmax(torch.nn.functional.avg_pool2d(4 * torch.randn(2, 21, side, side, generator=generator),
                                                           9, stride=1, padding=4), 1).numpy()
@@ -119,8 +111,9 @@ def filter_case(side: int, device: torch.device) -> Case:
     images_t, values_t = torch.from_numpy(images).to(device), torch.from_numpy(values).to(device)
 
     def agreement(released: np.ndarray, ours: torch.Tensor) -> str:
-        scale, difference = np.abs(released).max(), np.abs(ours.cpu().numpy() - released)
-        return f"max rel diff {difference.max() / scale:.1e}, mean {difference.mean() / scale:.1e}"
+        ours = ours.cpu().numpy()
+        mean = np.abs(ours - released).mean() / np.abs(released).max()
+        return f"max rel diff {relative_difference(ours, released):.1e}, mean {mean:.1e}"
 
     return (lambda: bilateral_filter(images, values, 15.0, sigma_xy),
             lambda: bilateral_filter_torch(images_t, values_t, 15.0, sigma_xy), agreement)
@@ -164,6 +157,7 @@ MEMORY_SCRIPT = """
 import sys
 import torch
 sys.path.insert(0, {here!r})
+import bench_bilateral
 import bench_crf
 device = torch.device({device!r})
 call = bench_crf.build_case({case!r}, device)[{path}]
@@ -175,11 +169,10 @@ if device.type == "cuda" and {path} == 1:
     torch.cuda.synchronize(device)
     print((torch.cuda.max_memory_allocated(device) - start) / 2**20)
 else:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # resets the peak resident size (VmHWM) to the current one
-    start = bench_crf.resident_kib("VmRSS")
+    bench_bilateral.reset_peak_resident()
+    start = bench_bilateral.resident_kib("VmRSS")
     call()
-    print((bench_crf.resident_kib("VmHWM") - start) / 1024)
+    print((bench_bilateral.resident_kib("VmHWM") - start) / 1024)
 """
 
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
+from bench_bilateral import reset_peak_resident, resident_kib  # noqa: E402
 from tests.test_mining import loop_reference_mining as released_style_mining  # noqa: E402
 from tool.mining import ReliableRegionMiner, mine_pseudo_labels, normalise_cam  # noqa: E402
 
@@ -79,11 +80,6 @@ def full_stack_mining(cam: torch.Tensor, labels: torch.Tensor, crops: torch.Tens
     return miner(np.ascontiguousarray(crops.numpy().transpose(0, 2, 3, 1)), labels.numpy(), norm_cams)
 
 
-def _resident_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
-
-
 def memory_case(num_classes: int, variant: str) -> dict:
     """One mining call in this (fresh) process: its seconds and its peak RSS above the RSS before it."""
     torch.set_num_threads(1)
@@ -91,13 +87,12 @@ def memory_case(num_classes: int, variant: str) -> dict:
     miner = ReliableRegionMiner(0)
     mine = mine_pseudo_labels if variant == "engine" else full_stack_mining
     mine(cam[:1], labels[:1], crops[:1], miner)  # first-call allocations and imports, outside the measure
-    before = _resident_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # reset VmHWM (the peak) to the current RSS
+    before = resident_kib("VmRSS")
+    reset_peak_resident()
     start = time.perf_counter()
     mined = mine(cam, labels, crops, miner)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mib": (_resident_kib("VmHWM") - before) / 1024,
+    return {"seconds": seconds, "peak_mib": (resident_kib("VmHWM") - before) / 1024,
             "labels_sha1": hashlib.sha1(np.ascontiguousarray(mined, np.int64).tobytes()).hexdigest()}
 
 
