@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 
-from voc12.lists import MASK_DIR, VOC_PALETTE, DatasetInfo, PathLike
+from voc12.lists import MASK_DIR, DatasetInfo, PathLike
 
 # COCO's category ids (1..90 with gaps) and names, in ascending id order: class index i is CATEGORY_IDS[i].
 CATEGORIES: tuple[tuple[int, str], ...] = (
@@ -37,8 +37,6 @@ CATEGORIES: tuple[tuple[int, str], ...] = (
 CATEGORY_IDS: tuple[int, ...] = tuple(category_id for category_id, _ in CATEGORIES)
 CLASS_NAMES: tuple[str, ...] = tuple(name for _, name in CATEGORIES)
 NUM_CLASSES = len(CLASS_NAMES)
-# The usual COCO-to-PNG conversions write VOC-palette masks: index i has VOC's colour i.
-PALETTE = VOC_PALETTE
 
 SPLITS: tuple[str, ...] = ("train2014", "val2014")
 ANNOTATION_DIR = "annotations"

@@ -27,8 +27,8 @@ from PIL import Image
 
 from coco14.lists import CATEGORIES, CLASS_NAMES, SPLITS, annotation_path, image_stem
 from voc12.lists import PathLike
-from voc12.synthetic import (OBJECT_SCALE, Placement, add_generator_arguments, generate_sample, object_masks,
-                             paint_object, render_background)
+from voc12.synthetic import (OBJECT_SCALE, Placement, add_generator_arguments, check_generator_options,
+                             generate_sample, object_masks, paint_object, render_background)
 
 # COCO's names of the VOC classes, whose voc12.synthetic shapes draw them.
 VOC_NAME: dict[str, str] = {
@@ -37,6 +37,9 @@ VOC_NAME: dict[str, str] = {
     "dog": "dog", "horse": "horse", "motorcycle": "motorbike", "person": "person", "potted plant": "pottedplant",
     "sheep": "sheep", "couch": "sofa", "train": "train", "tv": "tvmonitor",
 }
+# The COCO category id of each VOC class name the shapes are drawn as.
+CATEGORY_OF_VOC_NAME: dict[str, int] = {VOC_NAME[name]: category_id for category_id, name in CATEGORIES
+                                        if name in VOC_NAME}
 DEFAULT_CLASSES: tuple[str, ...] = ("person", "bus", "dog", "tv")
 SEGMENTATION_KINDS = ("polygon", "rle", "uncompressed_rle")
 CROWD_EVERY = 3  # images 0, 3, 6, ... of a split have a crowd
@@ -116,8 +119,6 @@ def generate_image(rng: np.random.Generator, classes: Sequence[str], index: int,
                    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """One image and its annotations (without ids), objects in drawing order, then the crowd."""
     voc_classes = [VOC_NAME[name] for name in classes]
-    coco_of = {VOC_NAME[name]: name for name in classes}
-    category_of = {name: category_id for category_id, name in CATEGORIES}
     if index % CROWD_ONLY_EVERY == CROWD_ONLY_EVERY - 1:
         height, width = (int(v) for v in rng.integers(size_min, size_max + 1, 2))
         image, placements = render_background(height, width, rng), []
@@ -132,12 +133,12 @@ def generate_image(rng: np.random.Generator, classes: Sequence[str], index: int,
         whole = object_masks(placement, height, width)[0]
         kind = SEGMENTATION_KINDS[(index + k) % len(SEGMENTATION_KINDS)]
         annotations.append(_annotation(encode_segmentation(whole, kind), whole,
-                                       category_of[coco_of[placement.class_name]], crowd=False))
+                                       CATEGORY_OF_VOC_NAME[placement.class_name], crowd=False))
     if index % CROWD_EVERY == 0 or not placements:
         crowd_class = str(rng.choice(voc_classes))
         crowd = paint_crowd(image, covered, crowd_class, rng)
         if crowd is not None:
-            annotations.append(_annotation(uncompressed_rle(crowd), crowd, category_of[coco_of[crowd_class]],
+            annotations.append(_annotation(uncompressed_rle(crowd), crowd, CATEGORY_OF_VOC_NAME[crowd_class],
                                            crowd=True))
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), annotations
 
@@ -146,10 +147,7 @@ def generate_dataset(out: PathLike, num_train: int, num_val: int, seed: int = 0,
                      size_max: int = 144, classes: str | Sequence[str] | None = None,
                      jpeg_quality: int = 92) -> dict[str, int]:
     """Write the synthetic COCO files under `out`; returns the image count of each split."""
-    if num_train < 1 or num_val < 1:
-        raise ValueError(f"num_train and num_val must be positive, got {num_train} and {num_val}")
-    if not 32 <= size_min <= size_max:
-        raise ValueError(f"need 32 <= size_min <= size_max, got size_min={size_min}, size_max={size_max}")
+    check_generator_options(num_train, num_val, size_min, size_max)
     class_subset = parse_classes(classes)
     counts = {}
     for split_code, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):

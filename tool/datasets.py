@@ -13,9 +13,9 @@ from types import ModuleType
 from coco14.lists import COCO14
 from voc12.lists import VOC12, DatasetInfo
 
-DATASETS: dict[str, DatasetInfo] = {"voc12": VOC12, "coco14": COCO14}
-# Each has TrainDatasetInit, TrainDatasetScaled and EvalDataset; imported when asked for (torchvision).
-DATA_MODULES: dict[str, str] = {"voc12": "voc12.data", "coco14": "coco14.data"}
+# By name; each package's `data` module has TrainDatasetInit, TrainDatasetScaled and EvalDataset,
+# imported when asked for (torchvision).
+DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (VOC12, COCO14)}
 
 
 def resolve_dataset(name: str) -> DatasetInfo:
@@ -27,8 +27,7 @@ def resolve_dataset(name: str) -> DatasetInfo:
 
 def data_module(name: str) -> ModuleType:
     """The module of `name`'s data set classes (TrainDatasetInit, TrainDatasetScaled, EvalDataset)."""
-    resolve_dataset(name)
-    return importlib.import_module(DATA_MODULES[name])
+    return importlib.import_module(f"{resolve_dataset(name).name}.data")
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, root_help: str) -> None:

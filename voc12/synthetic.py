@@ -445,10 +445,7 @@ def generate_dataset(out: PathLike, num_train: int, num_val: int, seed: int = 0,
                      jpeg_quality: int = 92, object_scale: tuple[float, float] = OBJECT_SCALE,
                      max_clutter: int = MAX_CLUTTER) -> dict[str, int]:
     """Write the synthetic VOC tree under `out`; returns image counts per list."""
-    if num_train < 1 or num_val < 1:
-        raise ValueError(f"num_train and num_val must be positive, got {num_train} and {num_val}")
-    if not 32 <= size_min <= size_max:
-        raise ValueError(f"need 32 <= size_min <= size_max, got size_min={size_min}, size_max={size_max}")
+    check_generator_options(num_train, num_val, size_min, size_max)
     if border_width < 1 or border_width % 2 == 0:
         raise ValueError(f"border_width must be an odd positive number of pixels, got {border_width}")
     if not 0 < object_scale[0] <= object_scale[1] <= 1:
@@ -479,6 +476,14 @@ def generate_dataset(out: PathLike, num_train: int, num_val: int, seed: int = 0,
     write_id_list(default_list_path(out, "train_aug"), split_ids["train"])
     save_cls_labels(default_cls_labels_path(out), labels)
     return {"train": num_train, "val": num_val, "train_aug": num_train}
+
+
+def check_generator_options(num_train: int, num_val: int, size_min: int, size_max: int) -> None:
+    """The image counts and sizes every synthetic generator takes (`add_generator_arguments`)."""
+    if num_train < 1 or num_val < 1:
+        raise ValueError(f"num_train and num_val must be positive, got {num_train} and {num_val}")
+    if not 32 <= size_min <= size_max:
+        raise ValueError(f"need 32 <= size_min <= size_max, got size_min={size_min}, size_max={size_max}")
 
 
 def add_generator_arguments(parser: argparse.ArgumentParser, out_help: str, split_help: tuple[str, str],
