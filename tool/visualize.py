@@ -199,31 +199,32 @@ def _indices_of(dataset: Dataset, ids: Sequence[str]) -> list[int]:
     return [dataset.ids.index(image_id) for image_id in ids]
 
 
-def write_panels(model: nn.Module, dataset: EvalDataset, ids: Sequence[str], out_dir: str,
-                 crf: bool = True, scales: Sequence[float] = (1.0,), flip: bool = False) -> list[str]:
-    """Write `<out_dir>/<id>_panel.png` for each id of `dataset` (an item list with an `ids` attribute)."""
+def _write_each(dataset: Dataset, ids: Sequence[str], out_dir: str, suffix: str,
+                panel_of: Callable[[int], np.ndarray]) -> list[str]:
+    """`<out_dir>/<id><suffix>.png` = panel_of(the id's index in dataset), for each id."""
     indices = _indices_of(dataset, ids)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for image_id, index in zip(ids, indices):
-        panel = panel_for_item(model, dataset[index], crf, scales, flip)
-        paths.append(os.path.join(out_dir, f"{image_id}_panel.png"))
+        panel = panel_of(index)
+        paths.append(os.path.join(out_dir, f"{image_id}{suffix}.png"))
         Image.fromarray(panel).save(paths[-1])
     return paths
+
+
+def write_panels(model: nn.Module, dataset: EvalDataset, ids: Sequence[str], out_dir: str,
+                 crf: bool = True, scales: Sequence[float] = (1.0,), flip: bool = False) -> list[str]:
+    """Write `<out_dir>/<id>_panel.png` for each id of `dataset` (an item list with an `ids` attribute)."""
+    return _write_each(dataset, ids, out_dir, "_panel",
+                       lambda index: panel_for_item(model, dataset[index], crf, scales, flip))
 
 
 def write_training_panels(model: nn.Module, dataset: Dataset, ids: Sequence[str], out_dir: str,
                           miner: ReliableRegionMiner | None) -> list[str]:
     """Write `<out_dir>/<id>_training_panel.png` (`training_panels` of the id's fixed crop) for each
     id of a training data set."""
-    indices = _indices_of(dataset, ids)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for image_id, index in zip(ids, indices):
-        [(_, panel)] = training_panels(model, fixed_batch(dataset, [index]), miner)
-        paths.append(os.path.join(out_dir, f"{image_id}_training_panel.png"))
-        Image.fromarray(panel).save(paths[-1])
-    return paths
+    return _write_each(dataset, ids, out_dir, "_training_panel",
+                       lambda index: training_panels(model, fixed_batch(dataset, [index]), miner)[0][1])
 
 
 def build_parser() -> argparse.ArgumentParser:
